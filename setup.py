@@ -1,0 +1,29 @@
+from setuptools import setup
+
+setup(
+    name="qwen-fused",
+    version="0.1.0",
+    description="Merged-QKV Qwen-Image transformer with fused Triton kernels, same results as diffusers",
+    python_requires=">=3.10",
+    packages=["qwen_fused", "qwen_fused.kernels", "qwen_fused.bench"],
+    package_dir={"qwen_fused": "qwen_fused", "qwen_fused.kernels": "kernels", "qwen_fused.bench": "bench"},
+    package_data={"qwen_fused.bench": ["results/*.json", "results/*.md"]},
+    install_requires=[
+        "torch>=2.6",
+        "diffusers>=0.36",
+        "peft>=0.17",
+        "transformers>=4.51",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "triton": ["triton>=3.3"],
+        "bench": ["matplotlib"],
+        "train": ["tensorboard"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.3", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["qwen-fused=qwen_fused.cli:main"]},
+)
