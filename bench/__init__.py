@@ -1,0 +1,1 @@
+"""Benchmark runner for qwen-fused (installed as `qwen_fused.bench`)."""

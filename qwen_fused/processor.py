@@ -1,0 +1,82 @@
+"""Attention processor for a fused (merged-QKV) Qwen-Image block."""
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from .kernels import joint_qkv, rope_tables
+from .lora_factors import linear_lora_factors
+
+
+def stream_rope(freqs):
+    """One stream's RoPE, as handed to a block: complex freqs, or tables from the pos_embed hook."""
+    if freqs is None:
+        return None, None
+    if torch.is_complex(freqs):
+        return rope_tables(freqs)
+    # [S, D//2, 2] real tables from the hook (kept as one tensor so context parallel can split dim 0)
+    return freqs[..., 0], freqs[..., 1]
+
+
+def pos_embed_hook(module, args, output):
+    """Forward hook on `transformer.pos_embed`: complex freqs -> real `[S, D//2, 2]` (cos, sin) once per forward."""
+    return tuple(torch.view_as_real(f.to(torch.complex64)).contiguous() if torch.is_complex(f) else f
+                 for f in output)
+
+
+def _stream(proj, x, nq, nk, cos, sin):
+    w, b, lora_a, lora_b, lora_scale = linear_lora_factors(proj)
+    return dict(x=x, weight=w, bias=b, norm_q=nq, norm_k=nk, cos=cos, sin=sin, lora_a=lora_a, lora_b=lora_b,
+                lora_scale=lora_scale)
+
+
+class FusedQwenAttnProcessor:
+    """Drop-in for diffusers' `QwenDoubleStreamAttnProcessor2_0` on a block fused by `qwen_fused.fuse_qkv`.
+
+    Both streams' q/k/v come from one `joint_qkv` call (merged projection, LoRA, QK RMSNorm and RoPE in one
+    epilogue, written straight into the joint [text; image] layout); the rest is the stock processor's:
+    the text padding mask, `dispatch_attention_fn` with this processor's attention backend and parallel
+    config, `to_out` and `to_add_out`.
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states is None:
+            raise ValueError("FusedQwenAttnProcessor requires encoder_hidden_states (text stream)")
+        if attention_mask is not None:
+            raise ValueError(
+                "FusedQwenAttnProcessor does not accept an external attention_mask. "
+                "Pass encoder_hidden_states_mask to let the processor build the joint mask."
+            )
+        if encoder_hidden_states_mask is not None:
+            image_mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            attention_mask = torch.cat([encoder_hidden_states_mask, image_mask], dim=1)[:, None, None, :]
+
+        seq_txt = encoder_hidden_states.shape[1]
+        img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
+        heads = attn.heads
+        eps = attn.norm_q.eps if attn.norm_q is not None else 1e-6
+        txt = _stream(attn.add_qkv_proj, encoder_hidden_states, _weight(attn.norm_added_q),
+                      _weight(attn.norm_added_k), *stream_rope(txt_freqs))
+        img = _stream(attn.to_qkv, hidden_states, _weight(attn.norm_q), _weight(attn.norm_k),
+                      *stream_rope(img_freqs))
+        query, key, value = joint_qkv(txt, img, heads=heads, eps=eps)
+
+        out = dispatch_attention_fn(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=self._parallel_config,
+        )
+        out = out.flatten(2, 3).to(query.dtype)
+        txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        txt_out = attn.to_add_out(txt_out.contiguous())
+        return img_out, txt_out
+
+
+def _weight(norm):
+    return None if norm is None else norm.weight
