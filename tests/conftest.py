@@ -1,0 +1,21 @@
+"""Test markers: `kernel` (Triton kernels, run under TRITON_INTERPRET=1 on CPU) and `gpu` (needs CUDA).
+
+GPU tests are skipped here, in one place, when no CUDA device is present.
+"""
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "kernel: Triton kernel tests (interpreter on CPU, native on GPU)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
