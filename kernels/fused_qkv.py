@@ -27,10 +27,18 @@ Example::
 """
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+from .backend import use_triton
 
 __all__ = ["fused_qkv", "joint_qkv", "rope_tables", "fused_qkv_torch", "check_inputs"]
+STREAM_KEYS = ("x", "weight", "bias", "norm_q", "norm_k", "cos", "sin", "lora_a", "lora_b", "lora_scale")
+_LISTS = STREAM_KEYS[:-1]  # tensor arguments of the op, one list each
 
 
 def rope_tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,13 +103,16 @@ def check_inputs(x, weight, bias, heads, norm_q, norm_k, cos, sin, lora_a, lora_
         r = lora_a.shape[0]
         if tuple(lora_b.shape) != (N, r):
             raise ValueError(f"fused_qkv: lora_b must be [{N}, r={r}], got {tuple(lora_b.shape)}")
+        if lora_a.dtype != lora_b.dtype or not lora_a.is_floating_point():
+            raise TypeError(f"fused_qkv: lora_a and lora_b must share one floating dtype, got {lora_a.dtype} "
+                            f"and {lora_b.dtype}")
     return D
 
 
 def _rms_rope(t, w, cos, sin, eps):
     """fp32 epilogue for one of q/k: t [B, S, H, D] float32."""
     if w is not None:
-        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w.float()
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w.to(t.dtype)
     if cos is not None:
         c = cos[None, :, None, :]
         s = sin[None, :, None, :]
@@ -110,36 +121,266 @@ def _rms_rope(t, w, cos, sin, eps):
     return t
 
 
+def _project(x, weight, bias, lora_a, lora_b, lora_scale):
+    """y = x W^T + b + s (x A^T) B^T; LoRA in its own dtype as peft computes it (the sum may promote)."""
+    y = F.linear(x, weight, bias)
+    if lora_a is not None and lora_a.shape[0] > 0:
+        y = y + F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * lora_scale
+    return y
+
+
 def fused_qkv_torch(x, weight, bias=None, *, heads, norm_q=None, norm_k=None, cos=None, sin=None, eps=1e-6,
                     lora_a=None, lora_b=None, lora_scale=1.0):
     """The pure-torch path: differentiable torch ops, any device, same contract as `fused_qkv`."""
     B, S, _ = x.shape
     D = weight.shape[0] // (3 * heads)
-    y = F.linear(x, weight, bias)
-    if lora_a is not None and lora_a.shape[0] > 0:
-        y = y + F.linear(F.linear(x, lora_a), lora_b) * lora_scale
+    y = _project(x, weight, bias, lora_a, lora_b, lora_scale)
     q, k, v = y.view(B, S, 3, heads, D).unbind(2)
-    q = _rms_rope(q.float(), norm_q, cos, sin, eps).to(x.dtype)
-    k = _rms_rope(k.float(), norm_k, cos, sin, eps).to(x.dtype)
-    return q, k, v
+    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 epilogue; float64 stays float64 (references)
+    q = _rms_rope(q.to(acc), norm_q, cos, sin, eps).to(x.dtype)
+    k = _rms_rope(k.to(acc), norm_k, cos, sin, eps).to(x.dtype)
+    return q, k, v.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# public entry points
 
 
 def fused_qkv(x, weight, bias=None, *, heads, norm_q=None, norm_k=None, cos=None, sin=None, eps=1e-6,
               lora_a=None, lora_b=None, lora_scale=1.0):
     """Merged QKV projection + LoRA + QK RMSNorm + RoPE; see the module docstring for shapes."""
-    check_inputs(x, weight, bias, heads, norm_q, norm_k, cos, sin, lora_a, lora_b)
-    return fused_qkv_torch(x, weight, bias, heads=heads, norm_q=norm_q, norm_k=norm_k, cos=cos, sin=sin,
-                           eps=eps, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale)
+    st = dict(x=x, weight=weight, bias=bias, norm_q=norm_q, norm_k=norm_k, cos=cos, sin=sin, lora_a=lora_a,
+              lora_b=lora_b, lora_scale=lora_scale)
+    return _run([st], heads, eps)
 
 
 def joint_qkv(txt: dict, img: dict, *, heads: int, eps: float = 1e-6):
     """Both streams of a block -> joint q, k, v `[B, S_txt + S_img, heads, D]`, text rows first.
 
     `txt` and `img` hold `fused_qkv` arguments: x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b,
-    lora_scale (all but x and weight optional).
+    lora_scale (all but x and weight optional). On the Triton path one launch per stream writes its rows of the
+    shared outputs (no concatenation copies).
     """
-    outs = [fused_qkv(s["x"], s["weight"], s.get("bias"), heads=heads, norm_q=s.get("norm_q"),
-                      norm_k=s.get("norm_k"), cos=s.get("cos"), sin=s.get("sin"), eps=eps,
-                      lora_a=s.get("lora_a"), lora_b=s.get("lora_b"), lora_scale=s.get("lora_scale", 1.0))
-            for s in (txt, img)]
-    return tuple(torch.cat([t, i], dim=1) for t, i in zip(*outs))
+    streams = []
+    for name, s in (("txt", txt), ("img", img)):
+        unknown = set(s) - set(STREAM_KEYS)
+        if unknown:
+            raise KeyError(f"joint_qkv: {name} has unknown keys {sorted(unknown)}; allowed: {', '.join(STREAM_KEYS)}")
+        for key in ("x", "weight"):
+            if s.get(key) is None:
+                raise KeyError(f"joint_qkv: {name} is missing {key!r}")
+        streams.append({k: s.get(k, 1.0 if k == "lora_scale" else None) for k in STREAM_KEYS})
+    return _run(streams, heads, eps)
+
+
+def _autocast(st):
+    """Under autocast, run in the autocast dtype as F.linear would (casts are differentiable)."""
+    dev = st["x"].device.type
+    if not torch.is_autocast_enabled(dev):
+        return st
+    dt = torch.get_autocast_dtype(dev)
+    return {k: (v.to(dt) if k in ("x", "weight", "bias", "lora_a", "lora_b") and isinstance(v, Tensor)
+                and v.is_floating_point() else v) for k, v in st.items()}
+
+
+def _run(streams, heads, eps):
+    streams = [_autocast(st) for st in streams]
+    dims = []
+    for i, st in enumerate(streams):
+        try:
+            dims.append(check_inputs(st["x"], st["weight"], st["bias"], heads, st["norm_q"], st["norm_k"], st["cos"],
+                                     st["sin"], st["lora_a"], st["lora_b"]))
+        except (ValueError, TypeError) as e:
+            if len(streams) == 1:
+                raise
+            raise type(e)(f"{('txt', 'img')[i]} stream: {e}") from None
+    x0 = streams[0]["x"]
+    for st, D in zip(streams[1:], dims[1:]):
+        x = st["x"]
+        if D != dims[0] or x.shape[0] != x0.shape[0] or x.dtype != x0.dtype or x.device != x0.device:
+            raise ValueError(f"joint_qkv: streams disagree (txt x {tuple(x0.shape)} {x0.dtype} D={dims[0]} on "
+                             f"{x0.device}, img x {tuple(x.shape)} {x.dtype} D={D} on {x.device})")
+    if use_triton(x0.device, x0.dtype, dims[0]):
+        tensors = [st[k] for st in streams for k in _LISTS]
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        save_y = grad and any(st["norm_q"] is not None or st["norm_k"] is not None for st in streams)
+        q, k, v, _ = torch.ops.qwen_fused.joint_qkv(*[[st[k] for st in streams] for k in _LISTS],
+                                                    [float(st["lora_scale"]) for st in streams], heads, float(eps),
+                                                    save_y)
+        return q, k, v
+    outs = [fused_qkv_torch(st["x"], st["weight"], st["bias"], heads=heads, norm_q=st["norm_q"], norm_k=st["norm_k"],
+                            cos=st["cos"], sin=st["sin"], eps=eps, lora_a=st["lora_a"], lora_b=st["lora_b"],
+                            lora_scale=st["lora_scale"]) for st in streams]
+    if len(outs) == 1:
+        return outs[0]
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the custom op: `qwen_fused::joint_qkv` (forward) and `qwen_fused::joint_qkv_bwd` (epilogue backward).
+# Each takes per-stream lists (one entry for fused_qkv, two for joint_qkv). The body picks the Triton kernels
+# (CUDA, or CPU under the interpreter with the `triton` backend) or the torch reference; the GEMMs of the
+# backward are plain torch matmuls in `_backward`.
+
+
+def _streams(x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b, lora_scale):
+    return [dict(zip(STREAM_KEYS, vals)) for vals in zip(x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b,
+                                                          lora_scale)]
+
+
+def _kernels_for(x, weight, heads):
+    return use_triton(x.device, x.dtype, weight.shape[0] // (3 * heads))
+
+
+def _poison():
+    # debug/test switch: NaN-fill outputs before the kernels write them, so unwritten elements show
+    return os.environ.get("QWEN_FUSED_DEBUG_NAN", "") == "1"
+
+
+def _acc_dtype(dtype):
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _forward_torch(streams, heads, eps, save_y):
+    qs, ks, vs, ys = [], [], [], []
+    for st in streams:
+        x = st["x"]
+        B, S, _ = x.shape
+        D = st["weight"].shape[0] // (3 * heads)
+        y = _project(x, st["weight"], st["bias"], st["lora_a"], st["lora_b"], st["lora_scale"])
+        q, k, v = y.view(B, S, 3, heads, D).unbind(2)
+        acc = _acc_dtype(x.dtype)
+        qs.append(_rms_rope(q.to(acc), st["norm_q"], st["cos"], st["sin"], eps).to(x.dtype))
+        ks.append(_rms_rope(k.to(acc), st["norm_k"], st["cos"], st["sin"], eps).to(x.dtype))
+        vs.append(v.to(x.dtype))
+        ys.append(y[..., : 2 * heads * D].to(x.dtype))
+    x0 = streams[0]["x"]
+    y = torch.cat(ys, dim=1) if save_y else x0.new_empty(0)
+    return torch.cat(qs, dim=1), torch.cat(ks, dim=1), torch.cat(vs, dim=1), y
+
+
+@torch.library.triton_op("qwen_fused::joint_qkv", mutates_args=())
+def _joint_qkv_op(x: list[Tensor], weight: list[Tensor], bias: list[Optional[Tensor]], norm_q: list[Optional[Tensor]],
+                  norm_k: list[Optional[Tensor]], cos: list[Optional[Tensor]], sin: list[Optional[Tensor]],
+                  lora_a: list[Optional[Tensor]], lora_b: list[Optional[Tensor]], lora_scale: list[float],
+                  heads: int, eps: float, save_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k, v `[B, sum S, H, D]` and the pre-norm q|k `[B, sum S, 2 H D]` kept for backward (empty unless save_y)."""
+    streams = _streams(x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b, lora_scale)
+    if _kernels_for(x[0], weight[0], heads):
+        from . import _triton_qkv
+
+        return _triton_qkv.forward(streams, heads, eps, save_y, _poison())
+    return _forward_torch(streams, heads, eps, save_y)
+
+
+def _epilogue_bwd_torch(dq, dk, dv, y, streams, heads, eps, need_dnorm):
+    B, _, H, D = dq.shape
+    acc = _acc_dtype(dq.dtype)
+    dys, dnorms = [], []
+    off = 0
+    for st in streams:
+        S = st["x"].shape[1]
+        rows = slice(off, off + S)
+        parts, dn = [], []
+        for j, (g, w) in enumerate(((dq[:, rows], st["norm_q"]), (dk[:, rows], st["norm_k"]))):
+            g = g.to(acc)
+            if st["cos"] is not None:
+                c, s = st["cos"][None, :, None, :].to(acc), st["sin"][None, :, None, :].to(acc)
+                ge, go = g[..., 0::2], g[..., 1::2]
+                g = torch.stack((ge * c + go * s, go * c - ge * s), dim=-1).flatten(-2)
+            if w is not None:
+                t = y[:, rows, j * H * D:(j + 1) * H * D].reshape(B, S, H, D).to(acc)
+                rstd = torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
+                xh = t * rstd
+                dn.append((g * xh).sum((0, 1, 2)))
+                gx = g * w.to(acc)
+                g = rstd * (gx - xh * (gx * xh).mean(-1, keepdim=True))
+            else:
+                dn.append(torch.zeros(D, dtype=acc, device=dq.device))
+            parts.append(g.to(dq.dtype))
+        parts.append(dv[:, rows])
+        dys.append(torch.cat(parts, dim=2).reshape(B * S, 3 * H * D))
+        dnorms.append(torch.stack(dn).float() if need_dnorm else torch.zeros(2, D, device=dq.device))
+        off += S
+    return torch.cat(dys), torch.stack(dnorms)
+
+
+@torch.library.triton_op("qwen_fused::joint_qkv_bwd", mutates_args=())
+def _joint_qkv_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, y: Tensor, x: list[Tensor], weight: list[Tensor],
+                      norm_q: list[Optional[Tensor]], norm_k: list[Optional[Tensor]], cos: list[Optional[Tensor]],
+                      sin: list[Optional[Tensor]], heads: int, eps: float,
+                      need_dnorm: bool) -> tuple[Tensor, Tensor]:
+    """Epilogue backward: dY `[sum B*S, 3 H D]` (streams stacked by rows) and norm-weight grads `[streams, 2, D]`."""
+    n = len(x)
+    streams = _streams(x, weight, [None] * n, norm_q, norm_k, cos, sin, [None] * n, [None] * n, [1.0] * n)
+    if _kernels_for(x[0], weight[0], heads):
+        from . import _triton_qkv
+
+        return _triton_qkv.epilogue_backward(dq, dk, dv, y, streams, heads, eps, need_dnorm)
+    return _epilogue_bwd_torch(dq, dk, dv, y, streams, heads, eps, need_dnorm)
+
+
+def _setup_context(ctx, inputs, output):
+    lists = inputs[:9]
+    ctx.n = len(lists[0])
+    ctx.lora_scale, ctx.heads, ctx.eps = inputs[9], inputs[10], inputs[11]
+    ctx.has_bias = [b is not None for b in inputs[2]]
+    ctx.mark_non_differentiable(output[3])
+    # bias is not needed in backward unless y must be recomputed; keep it (a view, no copy)
+    ctx.save_for_backward(*[t for lst in lists for t in lst], output[3])
+
+
+def _backward(ctx, dq, dk, dv, _dy_unused):
+    n, heads, eps = ctx.n, ctx.heads, ctx.eps
+    saved = ctx.saved_tensors
+    lists = [list(saved[i * n:(i + 1) * n]) for i in range(9)]
+    y = saved[9 * n]
+    streams = _streams(*lists, ctx.lora_scale)
+    need = dict(zip(_LISTS, ctx.needs_input_grad[:9]))
+    x0 = streams[0]["x"]
+    B, S_tot = x0.shape[0], sum(st["x"].shape[1] for st in streams)
+    D = streams[0]["weight"].shape[0] // (3 * heads)
+    shape = (B, S_tot, heads, D)
+    dq, dk, dv = (torch.zeros(shape, dtype=x0.dtype, device=x0.device) if g is None else g for g in (dq, dk, dv))
+    has_norm = any(st["norm_q"] is not None or st["norm_k"] is not None for st in streams)
+    if has_norm and y.numel() == 0:  # forward ran without save_y (e.g. called directly): recompute pre-norm q|k
+        y = torch.cat([_project(st["x"], st["weight"], st["bias"], st["lora_a"], st["lora_b"], st["lora_scale"])
+                       [..., : 2 * heads * D].to(x0.dtype) for st in streams], dim=1)
+    need_dnorm = any(need["norm_q"]) or any(need["norm_k"])
+    dy_all, dnorm = torch.ops.qwen_fused.joint_qkv_bwd(dq, dk, dv, y, lists[0], lists[1], lists[3], lists[4],
+                                                       lists[5], lists[6], heads, eps, need_dnorm)
+    grads = {k: [None] * n for k in _LISTS}
+    m0 = 0
+    for i, st in enumerate(streams):
+        x, w, a, lb, s = st["x"], st["weight"], st["lora_a"], st["lora_b"], st["lora_scale"]
+        Bs, S, C = x.shape
+        dy = dy_all[m0:m0 + Bs * S]
+        m0 += Bs * S
+        x2 = x.reshape(Bs * S, C)
+        dx = dy @ w if need["x"][i] else None
+        if a is not None and a.shape[0] > 0:
+            ld = a.dtype
+            dyl = dy.to(ld)
+            ds = (dyl @ lb) * s  # [M, r]
+            if need["lora_b"][i]:
+                grads["lora_b"][i] = (dyl.t() @ (x2.to(ld) @ a.t())) * s
+            if need["lora_a"][i]:
+                grads["lora_a"][i] = ds.t() @ x2.to(ld)
+            if dx is not None:
+                dx = dx + (ds @ a).to(dx.dtype)
+        elif a is not None:  # rank 0
+            grads["lora_a"][i] = torch.zeros_like(a) if need["lora_a"][i] else None
+            grads["lora_b"][i] = torch.zeros_like(lb) if need["lora_b"][i] else None
+        if dx is not None:
+            grads["x"][i] = dx.view(Bs, S, C)
+        if need["weight"][i]:  # never when the base weight is frozen (LoRA training)
+            grads["weight"][i] = dy.t() @ x2
+        if need["bias"][i] and st["bias"] is not None:
+            grads["bias"][i] = dy.sum(0, dtype=_acc_dtype(dy.dtype)).to(st["bias"].dtype)
+        for j, key in enumerate(("norm_q", "norm_k")):
+            if need[key][i] and st[key] is not None:
+                grads[key][i] = dnorm[i, j].to(st[key].dtype)
+    return tuple(grads[k] for k in _LISTS) + (None, None, None, None)
+
+
+_joint_qkv_op.register_autograd(_backward, setup_context=_setup_context)

@@ -8,6 +8,7 @@ import sys
 # subcommand -> module under qwen_fused that defines add_parser(subparsers) and sets `func` on its parser
 SUBCOMMANDS = {
     "check": "qwen_fused.check",
+    "bench": "qwen_fused.bench.cli",
 }
 
 

@@ -1,11 +1,47 @@
 """What the fused processor hands to the kernel for one merged projection: base weight, bias, LoRA factors."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
 def linear_lora_factors(proj: nn.Module):
-    """`(weight, bias, lora_a, lora_b, lora_scale)` of a merged projection; LoRA parts None without LoRA."""
-    if isinstance(proj, nn.Linear):
+    """`(weight, bias, lora_a, lora_b, lora_scale)` of a merged projection, or None when not expressible.
+
+    `y = x W^T + b + lora_scale * (x A^T) B^T` must equal what `proj(x)` computes. A plain Linear has no LoRA
+    parts (None). A peft `lora.Linear` over a Linear matches peft's forward: adapters disabled or merged -> the
+    base layer alone; otherwise its active adapters, several of them as one (A concatenated, B scaled by each
+    adapter's scale and concatenated, scale 1). None (the caller then runs `proj(x)` itself) for anything
+    this cannot express exactly: dropout > 0, DoRA or other LoRA variants, LoRA bias, fan_in_fan_out, LoRA
+    weights in another dtype than the base weight (peft then computes the LoRA path in that dtype), or an
+    unknown wrapper.
+    """
+    if type(proj) is nn.Linear:
         return proj.weight, proj.bias, None, None, 1.0
-    raise TypeError(f"fused processor cannot read the projection {type(proj).__name__}")
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return None
+    if type(proj) is not LoraLinear or type(proj.base_layer) is not nn.Linear:
+        return None
+    base = proj.base_layer
+    if proj.disable_adapters or proj.merged:
+        # peft unmerges a merged layer when adapters get disabled: a state change we leave to peft
+        return (base.weight, base.bias, None, None, 1.0) if not (proj.disable_adapters and proj.merged) else None
+    if getattr(proj, "fan_in_fan_out", False):
+        return None
+    active = [a for a in proj.active_adapters if a in proj.lora_A]
+    for a in active:
+        if (not isinstance(proj.lora_dropout[a], nn.Identity) or a in getattr(proj, "lora_variant", {})
+                or proj.use_dora.get(a, False) or proj.lora_B[a].bias is not None
+                or proj.lora_A[a].weight.dtype != base.weight.dtype
+                or proj.lora_B[a].weight.dtype != base.weight.dtype):
+            return None
+    if not active:
+        return base.weight, base.bias, None, None, 1.0
+    if len(active) == 1:
+        a = active[0]
+        return base.weight, base.bias, proj.lora_A[a].weight, proj.lora_B[a].weight, float(proj.scaling[a])
+    lora_a = torch.cat([proj.lora_A[a].weight for a in active])
+    lora_b = torch.cat([proj.lora_B[a].weight * proj.scaling[a] for a in active], dim=1)
+    return base.weight, base.bias, lora_a, lora_b, 1.0

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One-command GPU run on an offline machine: install from local wheels, run the GPU/kernel tests, then
+# `qwen-fused bench --quick`. Everything lands in OUTDIR (few files: the device machine returns at most 8):
+#   gpu_run.log  nvidia-smi.txt  gpu_tests.log  bench-*.json  bench-*.md  bench-*.png  <gpu-slug>.json
+# The last is bench/results/<gpu-slug>.json with this run appended; copy it back into bench/results/.
+#
+# usage: bench/gpu_run.sh OUTDIR
+# env:   QF_WHEELS (default: .whl/ in the repo root)   QF_SITE (default /tmp/qf_site)
+#        QF_SHIM=1 (skip the editable install, use the symlink shim)   QF_TEST_TIMEOUT (s, default 120)   QF_BENCH_TIMEOUT (s, default 200)   QF_BENCH_ARGS (default --quick)
+set -uo pipefail
+
+OUT=${1:?usage: bench/gpu_run.sh OUTDIR}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+exec > >(tee -a "$OUT/gpu_run.log") 2>&1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+WHEELS=${QF_WHEELS:-$REPO/.whl}
+SITE=${QF_SITE:-/tmp/qf_site}
+T0=$(date +%s)
+step() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
+
+step "machine"
+{ nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
+    --format=csv; } > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed (no NVIDIA driver?)" >> "$OUT/nvidia-smi.txt"
+head -n 20 "$OUT/nvidia-smi.txt"
+
+step "dependencies from local wheels ($WHEELS)"
+shopt -s nullglob
+whls=("$WHEELS"/*.whl)
+if (( ${#whls[@]} )); then
+    python -m pip install -q --no-index --no-deps --target "$SITE" "${whls[@]}" || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+    echo "no wheels in $WHEELS; using what is installed"
+fi
+
+step "the project"
+# Run everything from a neutral folder: from the repo root, ./qwen_fused would shadow the installed package
+# (whose qwen_fused.kernels lives in kernels/ through setup.py's package_dir).
+cd /tmp || exit 1
+check() { python -c "import qwen_fused, qwen_fused.kernels, qwen_fused.bench.cli" 2>/dev/null; }
+if [ -n "${QF_SHIM:-}" ] || ! (python -m pip install -q --no-deps --no-build-isolation -e "$REPO" && check); then
+    # no setuptools (or no write access): a shim package tree of symlinks with the package_dir mapping
+    echo "editable install unavailable; using a symlink shim of the package_dir mapping"
+    SHIM=$(mktemp -d /tmp/qf_shim.XXXX)
+    mkdir -p "$SHIM/qwen_fused"
+    for f in "$REPO"/qwen_fused/*; do ln -s "$f" "$SHIM/qwen_fused/"; done
+    ln -s "$REPO/kernels" "$SHIM/qwen_fused/kernels"
+    ln -s "$REPO/bench" "$SHIM/qwen_fused/bench"
+    export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+    check || { python -c "import qwen_fused.kernels, qwen_fused.bench.cli"; echo "cannot import qwen_fused"; exit 1; }
+fi
+python - <<'EOF'
+import torch, triton, diffusers, peft, qwen_fused
+print("torch", torch.__version__, "| triton", triton.__version__, "| diffusers", diffusers.__version__,
+      "| peft", peft.__version__, "| cuda", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+
+step "GPU and kernel tests"
+timeout "${QF_TEST_TIMEOUT:-120}" python -m pytest "$REPO/tests" -m "gpu or kernel" -x -q -p no:cacheprovider \
+    > "$OUT/gpu_tests.log" 2>&1
+echo "pytest exit $? (124 = timed out)"; tail -n 15 "$OUT/gpu_tests.log"
+
+step "benchmark"
+# shellcheck disable=SC2086
+timeout "${QF_BENCH_TIMEOUT:-200}" python -m qwen_fused.cli bench ${QF_BENCH_ARGS:---quick} --out "$OUT" \
+    --results-dir "$REPO/bench/results"
+rc=$?
+echo "bench exit $rc (124 = timed out, 3 = a provider failed verification)"
+latest=$(ls -t "$REPO"/bench/results/*.json 2>/dev/null | head -n 1)
+[ -n "$latest" ] && cp "$latest" "$OUT/"
+step "done; files in $OUT:"
+ls -l "$OUT"
+for md in "$OUT"/bench-*.md; do cat "$md"; done
+exit $rc

@@ -1,0 +1,203 @@
+"""Results files, tables and charts.
+
+One JSON file per GPU under bench/results/ (`{"gpu": NAME, "runs": [run, ...]}`), runs appended, never
+mixed across GPUs. Speedup ratios are formed inside a run, between providers of the same case, only.
+
+    python -m qwen_fused.bench.report [RESULTS_DIR] [--all]   # markdown tables from the committed JSON
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ORDER = ["stock", "stock-compile", "ours-triton", "ours-torch", "ours-compile", "gemm"]
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def read_results(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); refusing to append to it") from e
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or "gpu" not in data:
+        raise ValueError(f"{path}: not a qwen-fused results file (expected {{'gpu': ..., 'runs': [...]}})")
+    return data
+
+
+def append_run(record: dict, results_dir: Path = RESULTS_DIR) -> Path:
+    """Append `record` to `<results_dir>/<gpu-slug>.json`; refuses a file that holds another GPU's runs."""
+    gpu = record.get("gpu")
+    if not gpu:
+        raise ValueError("this run has no GPU (CPU run); results files hold GPU runs only")
+    path = Path(results_dir) / f"{slug(gpu)}.json"
+    data = read_results(path) if path.exists() else {"gpu": gpu, "runs": []}
+    if data["gpu"] != gpu:
+        raise ValueError(f"{path} holds runs of {data['gpu']!r}, not {gpu!r}; GPUs are never mixed in one file")
+    data["runs"].append(record)
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- tables
+def _fmt_ms(p):
+    return f"{p['ms']:.3f}" if "ms" in p else "-"
+
+
+def _fmt_ratio(p, key):
+    return f"{p[key]:.2f}x" if key in p else "-"
+
+
+def _status(p):
+    s = p.get("status", "?")
+    return s if s in ("ok", "ceiling") else f"**{s}**"
+
+
+def _providers(run):
+    names = {n for c in run["cases"] for n in c["providers"]}
+    return [n for n in ORDER if n in names] + sorted(names - set(ORDER))
+
+
+def run_header(run) -> str:
+    v = run.get("versions", {})
+    c = run.get("ceilings", {})
+    return (f"{run.get('device') or run.get('gpu')} | driver {run.get('driver', '-')} | torch {v.get('torch')} | "
+            f"triton {v.get('triton')} | diffusers {v.get('diffusers')} | peft {v.get('peft')} | "
+            f"commit {run.get('commit')} | {run.get('date')}"
+            + (" | reduced sizes (no CUDA)" if run.get("tiny") else "")
+            + (f"\n\nMeasured ceilings: bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, device copy "
+               f"{c['copy_tbps']:.2f} TB/s." if c else ""))
+
+
+def markdown(run) -> str:
+    """Speedup matrix (vs stock eager) and the full detail table of one run."""
+    provs = _providers(run)
+    lines = [run_header(run), "", "Speedup vs stock eager (higher is better; ratios within this run only):", "",
+             "| case | floor ms | " + " | ".join(provs) + " |", "|---|---:|" + "---:|" * len(provs)]
+    for c in run["cases"]:
+        cells = []
+        for n in provs:
+            p = c["providers"].get(n, {})
+            cells.append(_fmt_ratio(p, "vs_stock") if "ms" in p else (p.get("status", "-") if p else "-"))
+        floor = f"{c['floor_ms']:.3f}" if c.get("floor_ms") is not None else "-"
+        lines.append(f"| {c['case']} | {floor} | " + " | ".join(cells) + " |")
+    lines += ["", "| case | provider | status | median ms [p20-p80] | vs eager | vs compiled | max rel err | "
+              "peak extra MB | first call s | note |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for c in run["cases"]:
+        for n in provs:
+            p = c["providers"].get(n)
+            if not p:
+                continue
+            t = f"{p['ms']:.3f} [{p['p20']:.3f}-{p['p80']:.3f}]" if "ms" in p else "-"
+            err = f"{p['max_err']:.2e}" if "max_err" in p else "-"
+            mem = f"{p['peak_extra_mb']:.0f}" if "peak_extra_mb" in p else "-"
+            first = f"{p['first_call_s']:.1f}" if "first_call_s" in p else "-"
+            note = p.get("reason", "")
+            if "full_model_est_ms" in p:
+                note = f"60-block estimate {p['full_model_est_ms']:.1f} ms " + note
+            lines.append(f"| {c['case']} | {n} | {_status(p)} | {t} | {_fmt_ratio(p, 'vs_stock')} | "
+                         f"{_fmt_ratio(p, 'vs_stock_compile')} | {err} | {mem} | {first} | {note.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+def terminal_table(run) -> str:
+    provs = _providers(run)
+    w = max([len(c["case"]) for c in run["cases"]] + [4])
+    head = f"{'case':{w}s}  {'floor':>8s}  " + "  ".join(f"{n:>22s}" for n in provs)
+    out = [head, "-" * len(head)]
+    for c in run["cases"]:
+        cells = []
+        for n in provs:
+            p = c["providers"].get(n, {})
+            if "ms" in p:
+                r = f" {p['vs_stock']:.2f}x" if "vs_stock" in p else ""
+                rc = f"/{p['vs_stock_compile']:.2f}xc" if "vs_stock_compile" in p else ""
+                cells.append(f"{p['ms']:.3f}ms{r}{rc}")
+            else:
+                cells.append(p.get("status", "-"))
+        floor = f"{c['floor_ms']:.3f}" if c.get("floor_ms") is not None else "-"
+        out.append(f"{c['case']:{w}s}  {floor:>8s}  " + "  ".join(f"{x:>22s}" for x in cells))
+    out.append("ms = median; Nx = speedup vs stock eager, Nxc = vs stock compiled; floor = max(FLOPs/matmul peak, "
+               "bytes/copy bandwidth), measured in this run")
+    return "\n".join(out)
+
+
+def chart(run, path: Path) -> Path:
+    """PNG bar chart of each provider's speedup vs stock eager, per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    provs = [n for n in _providers(run) if n != "stock"]
+    cases = run["cases"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases) * max(1, len(provs)) / 3), 4.5))
+    width = 0.8 / max(1, len(provs))
+    for i, n in enumerate(provs):
+        vals = [c["providers"].get(n, {}).get("vs_stock", 0.0) for c in cases]
+        xs = [j + (i - (len(provs) - 1) / 2) * width for j in range(len(cases))]
+        ax.bar(xs, vals, width, label=n)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels([c["case"] for c in cases], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("speedup vs stock eager (x)")
+    ax.set_title(f"qwen-fused: {run.get('device') or run.get('gpu')} ({run.get('date', '')[:10]}, "
+                 f"{run.get('commit')})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- summary
+def summary(results_dir: Path = RESULTS_DIR, all_runs=False) -> str:
+    """Markdown for README: per GPU file, the latest run (or every run), with its date and commit."""
+    files = sorted(Path(results_dir).glob("*.json"))
+    if not files:
+        return f"No results in {results_dir} yet: run `qwen-fused bench` on a GPU.\n"
+    parts = []
+    for f in files:
+        data = read_results(f)
+        runs = data["runs"] if all_runs else data["runs"][-1:]
+        for run in runs:
+            parts.append(f"### {data['gpu']}\n\n" + markdown(run))
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m qwen_fused.bench.report", description=summary.__doc__)
+    ap.add_argument("results_dir", nargs="?", default=str(RESULTS_DIR))
+    ap.add_argument("--all", action="store_true", help="every run, not only each GPU's latest")
+    args = ap.parse_args(argv)
+    sys.stdout.write(summary(Path(args.results_dir), args.all))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Verify, then time: one run over the selected cases and providers, returned as a JSON-ready dict."""
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib.metadata
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import registry
+from .registry import FULL_MODEL_BLOCKS, PROVIDERS, Case, Unavailable, Workload
+
+# a provider passes when, for every output and gradient, its error against the reference is within
+# TOL_FACTOR x stock eager's own error (plus TOL_ABS, for outputs where stock happens to be very close)
+TOL_FACTOR = 2.0
+TOL_ABS = 2e-3
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------- machine facts
+def _version(pkg):
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit():
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if rev.returncode:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip()[:12] + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_info(device) -> dict:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"gpu": None, "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"}
+    props = torch.cuda.get_device_properties(device)
+    driver = "unknown"
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                           capture_output=True, text=True, timeout=20)
+        if q.returncode == 0 and q.stdout.strip():
+            driver = q.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"gpu": props.name, "device": props.name, "driver": driver, "cuda": torch.version.cuda,
+            "capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
+            "memory_gb": round(props.total_memory / 2**30, 1), "l2_mb": getattr(props, "L2_cache_size", 0) / 2**20}
+
+
+def versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            **{p: _version(p) for p in ("triton", "diffusers", "peft", "qwen-fused")}}
+
+
+# --------------------------------------------------------------------------------------------- timing
+def bench_fn(fn, device, grads=(), quick=False):
+    """(median, p20, p80) milliseconds of `fn()`; CUDA: triton do_bench (events, L2 flushed between runs)."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        return tuple(do_bench(fn, warmup=10 if quick else 25, rep=60 if quick else 200, grad_to_none=list(grads),
+                              quantiles=QUANTILES))
+    fn()
+    times = []
+    for _ in range(3 if quick else 7):
+        for g in grads:
+            g.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def measure_ceilings(device, quick=False) -> dict:
+    """bf16 matmul rate (8192^3 on CUDA) and device copy bandwidth (bytes read + written), measured now."""
+    cuda = torch.device(device).type == "cuda"
+    n = 8192 if cuda else 512
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = bench_fn(lambda: a @ b, device, quick=quick)[0]
+    elems = (1 << 29) if cuda else (1 << 24)  # 1 GiB / 32 MiB of bf16
+    src = torch.randn(elems, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    cms = bench_fn(lambda: dst.copy_(src), device, quick=quick)[0]
+    out = {"matmul_tflops": 2 * n**3 / ms / 1e9, "matmul_n": n,
+           "copy_tbps": 2 * src.numel() * src.element_size() / cms / 1e9, "copy_bytes": 2 * src.numel() * 2}
+    del a, b, src, dst
+    return out
+
+
+def case_cost(w: Workload) -> dict:
+    """Minimum FLOPs and device-memory bytes of one case (each input read once, each output written once)."""
+    c = w.case
+    B, C, r = c.batch, w.dim, c.rank
+    M = B * (w.s_img + w.s_txt)
+    e = torch.finfo(w.dtype).bits // 8
+    if c.level == "op":
+        N = 3 * C
+        flops = 2 * M * C * N + (2 * M * r * (C + N) if r else 0)
+        nbytes = e * (M * C + 2 * N * C + M * N)
+        if c.mode == "fwdbwd":  # dX = dY W, LoRA grads; frozen W, so no dW
+            flops += 2 * M * N * C + 4 * M * r * (C + N)
+            nbytes += e * (M * N + 2 * N * C + 2 * M * C)
+        return {"flops": flops, "bytes": nbytes}
+    S = w.s_img + w.s_txt
+    lin = 2 * M * C * 12 * C           # qkv 3C + out C + mlp 4C + 4C per token
+    att = 4 * B * S * S * C            # QK^T and PV
+    weights = e * 2 * 18 * C * C       # both streams: 12 C^2 linear + 6 C^2 modulation
+    acts = e * 2 * M * C               # block input and output
+    if c.mode == "fwd":
+        flops, nbytes = lin + att, weights + acts
+    else:                              # dX GEMMs (frozen weights) + flash-attention backward (~2.5x forward)
+        flops = 2 * lin + 3.5 * att + ((lin + att) if c.gc else 0)
+        nbytes = (3 if c.gc else 2) * weights + 2 * acts
+    return {"flops": int(flops * c.blocks), "bytes": int(nbytes * c.blocks)}
+
+
+# ---------------------------------------------------------------------------------------- verification
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in float64 (NaN/inf anywhere gives inf)."""
+    a, ref = a.detach().double(), ref.detach().double()
+    if a.shape != ref.shape:
+        raise ValueError(f"shape {tuple(a.shape)} differs from the reference's {tuple(ref.shape)}")
+    if not torch.isfinite(a).all():
+        return float("inf")
+    den = ref.norm().item()
+    return (a - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+def compare(outs: dict, ref: dict) -> dict:
+    missing = sorted(set(ref) - set(outs))
+    if missing:
+        raise ValueError(f"missing outputs/gradients {missing}")
+    return {k: rel_err(outs[k].to(ref[k].device), ref[k]) for k in ref}
+
+
+def judge(errs: dict, stock_errs: dict) -> tuple[bool, str]:
+    bad = [(k, e, stock_errs[k]) for k, e in errs.items()
+           if not e <= max(TOL_FACTOR * stock_errs[k], stock_errs[k] + TOL_ABS)]
+    if not bad:
+        return True, ""
+    k, e, s = max(bad, key=lambda t: t[1])
+    return False, f"{len(bad)} of {len(errs)} outputs off; worst {k}: rel err {e:.3g} vs stock's {s:.3g}"
+
+
+# ------------------------------------------------------------------------------------------- one case
+def run_case(case: Case, providers: list[str], device, tiny=False, quick=False, ceilings=None, seed=0,
+             prefix="") -> dict:
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch._dynamo.reset()  # a fresh compile cache per case: no recompile-limit fallbacks to eager
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size or (50 << 20)
+    else:
+        l2 = 50 << 20
+    log(f"{prefix}{case.name}: building (random weights, {'tiny' if tiny else 'real'} width)")
+    w = Workload(case, device, tiny=tiny, seed=seed, l2_bytes=l2)
+    cost = case_cost(w)
+    res = {"case": case.name, "level": case.level, "shape": case.shape, "batch": case.batch, "mode": case.mode,
+           "rank": case.rank, "gc": case.gc, "blocks": case.blocks, "s_img": w.s_img, "s_txt": w.s_txt,
+           "dim": w.dim, "heads": w.heads, "input_sets": len(w.inputs), **cost, "providers": {}}
+    if ceilings:
+        t_flops = cost["flops"] / (ceilings["matmul_tflops"] * 1e9)
+        t_bytes = cost["bytes"] / (ceilings["copy_tbps"] * 1e9)
+        res.update(floor_ms=max(t_flops, t_bytes), floor_bound="compute" if t_flops > t_bytes else "memory")
+    ref = registry.build_reference(w).collect(w.inputs[0])
+    ref = {k: v.detach().clone() for k, v in ref.items()}
+    w.release_reference()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+    stock_errs = None
+    for name in providers:
+        entry = res["providers"][name] = {"label": PROVIDERS[name].label}
+        try:
+            entry.update(_run_provider(w, name, ref, stock_errs, device, quick))
+        except Unavailable as e:
+            entry.update(status="unavailable", reason=str(e))
+        except Exception as e:  # noqa: BLE001 - one failing provider must not end the run
+            entry.update(status="error", reason=f"{type(e).__name__}: {str(e)[:400]}")
+        if name == "stock":
+            stock_errs = entry.get("errors")
+        registry.use_backend_reset()
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        log(f"{prefix}{case.name}: {name:14s} {_line(entry)}")
+    _ratios(res)
+    return res
+
+
+def _run_provider(w, name, ref, stock_errs, device, quick) -> dict:
+    if name != "stock" and stock_errs is None:
+        raise Unavailable("stock eager did not run, so there is nothing to verify against")
+    impl = PROVIDERS[name].build(w)
+    registry.use_backend(impl.backend)
+    out = {}
+    t0 = time.perf_counter()
+    if impl.collect is None:
+        impl.step(w.inputs[0])
+        out.update(status="ceiling", reason="different function (no bias/norm/RoPE): a bound, not verified")
+    else:
+        errs = compare(impl.collect(w.inputs[0]), ref)
+        out["errors"] = errs
+        out["max_err"] = max(errs.values()) if errs else 0.0
+        ok, why = judge(errs, errs if name == "stock" else stock_errs)
+        if not ok:
+            out.update(status="wrong", reason=why)
+            return out
+        out["status"] = "ok"
+    sync(device)
+    out["first_call_s"] = time.perf_counter() - t0  # includes compilation / autotuning for compiled providers
+    it = iter(range(1 << 62))
+
+    def fn():  # rotate through input sets larger than L2 so every run reads fresh inputs from memory
+        impl.step(w.inputs[next(it) % len(w.inputs)])
+
+    med, p20, p80 = bench_fn(fn, device, impl.grads, quick)
+    out.update(ms=med, p20=p20, p80=p80)
+    if w.case.level == "model":
+        out["full_model_est_ms"] = med / w.case.blocks * FULL_MODEL_BLOCKS
+    if torch.device(device).type == "cuda":
+        sync(device)
+        for g in impl.grads:
+            g.grad = None
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        out["peak_extra_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    for g in impl.grads:
+        g.grad = None
+    return out
+
+
+def _ratios(res):
+    provs = res["providers"]
+    for base in registry.BASELINES:
+        b = provs.get(base, {})
+        if b.get("status") != "ok":
+            continue
+        for p in provs.values():
+            if p.get("ms"):
+                p[f"vs_{base.replace('-', '_')}"] = b["ms"] / p["ms"]
+
+
+def _line(e):
+    if "ms" in e:
+        s = f"{e['ms']:9.3f} ms [{e['p20']:.3f}-{e['p80']:.3f}]  {e['status']}"
+        if "max_err" in e:
+            s += f"  err {e['max_err']:.2e}"
+        return s + (f"  first call {e['first_call_s']:.1f}s" if e.get("first_call_s", 0) > 1 else "")
+    return f"{e['status'].upper()}: {e.get('reason', '')}"
+
+
+# ----------------------------------------------------------------------------------------------- run
+def run(cases: list[Case], providers: list[str], device=None, tiny=None, quick=False, seed=0) -> dict:
+    """Measure `cases` x `providers` on `device` (default: CUDA if present). Returns the run record."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    tiny = (not cuda) if tiny is None else tiny
+    t_start = time.perf_counter()
+    info = device_info(device)
+    log(f"qwen-fused bench on {info['device']}" + ("" if cuda else
+        " -- no CUDA: torch providers at reduced sizes; GPU numbers need a GPU"))
+    ceilings = measure_ceilings(device, quick)
+    log(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.1f} TFLOP/s (n={ceilings['matmul_n']}), "
+        f"copy {ceilings['copy_tbps']:.3f} TB/s")
+    record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": git_commit(), **info, "versions": versions(), "tiny": tiny, "quick": quick,
+              "dtype": "bfloat16", "ceilings": ceilings,
+              "kernels_backend_switch": hasattr(importlib.import_module("qwen_fused.kernels"), "set_backend"),
+              "argv": sys.argv[1:], "cases": []}
+    for i, case in enumerate(cases):
+        record["cases"].append(run_case(case, providers, device, tiny, quick, ceilings, seed,
+                                        prefix=f"[{i + 1}/{len(cases)}] "))
+    record["wall_s"] = time.perf_counter() - t_start
+    return record

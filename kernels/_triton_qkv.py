@@ -1,0 +1,313 @@
+"""Triton kernels of the fused QKV op (private; imported lazily by `fused_qkv.py`).
+
+Forward, one launch per stream:  acc = lora_scale * S B^T  (S = x A^T, precomputed, [M, r])
+                                 acc += x W^T              (K loop)
+                                 epilogue: + bias; the tile's column block picks q, k or v; q/k: RMSNorm
+                                 per head (fp32, weight) and interleaved RoPE; round once; store into the joint
+                                 [B, S_txt + S_img, H, D] outputs at the stream's row offset.
+A tile is BLOCK_M rows x BLOCK_N = HPT * D columns, HPT dividing heads, so it owns whole heads of one of q/k/v.
+
+Backward epilogue, one launch per stream: dq/dk/dv (joint layout) -> dY [M, 3 * H * D] (RoPE transposed, RMSNorm
+backward from the saved pre-norm y), plus per-tile partial sums for the norm-weight gradients. The GEMMs of the
+backward (dX, dA, dB, dW) are cuBLAS calls in `fused_qkv.py`.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+
+@triton.jit
+def _norm_rope(acc, NW, COS, SIN, s_idx, m_mask, stride_cs, stride_cd, stride_ss, stride_sd, eps,
+               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr,
+               ROPE: tl.constexpr):
+    HPT: tl.constexpr = BLOCK_N // D
+    if NORM:
+        a3 = tl.reshape(acc, (BLOCK_M, HPT, D))
+        rstd = tl.rsqrt(tl.sum(a3 * a3, axis=2) / D + eps)
+        w = tl.load(NW + tl.arange(0, D)).to(tl.float32)
+        acc = tl.reshape(a3 * rstd[:, :, None] * w[None, None, :], (BLOCK_M, BLOCK_N))
+    if ROPE:
+        HALF: tl.constexpr = BLOCK_N // 2
+        pair = tl.arange(0, HALF) % (D // 2)
+        c = tl.load(COS + s_idx[:, None] * stride_cs + pair[None, :] * stride_cd, mask=m_mask[:, None], other=0.0)
+        s = tl.load(SIN + s_idx[:, None] * stride_ss + pair[None, :] * stride_sd, mask=m_mask[:, None], other=0.0)
+        e, o = tl.split(tl.reshape(acc, (BLOCK_M, HALF, 2)))
+        acc = tl.reshape(tl.join(e * c - o * s, e * s + o * c), (BLOCK_M, BLOCK_N))
+    return acc
+
+
+@triton.jit(do_not_specialize=["M", "S", "S_TOT", "ROW_OFF"])
+def _qkv_fwd_kernel(X, W, BIAS, SL, LB, NQ, NK, COS, SIN, Q, K, V, Y,
+                    M, S, S_TOT, ROW_OFF, C, R, HD,
+                    stride_cs, stride_cd, stride_ss, stride_sd, lora_scale, eps,
+                    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_NQ: tl.constexpr, HAS_NK: tl.constexpr,
+                    HAS_ROPE: tl.constexpr, SAVE_Y: tl.constexpr, PRECISION: tl.constexpr,
+                    LORA_PRECISION: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = 3 * HD // BLOCK_N
+    # grouped launch order: GROUP_M row tiles share each W column block while it sits in L2
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_mask = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        rr0 = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + rr0
+            s_t = tl.load(SL + rm[:, None] * R + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
+            b_t = tl.load(LB + rn[None, :] * R + rr[:, None], mask=rr[:, None] < R, other=0.0)
+            acc = tl.dot(s_t, b_t, acc, input_precision=LORA_PRECISION)
+        acc = acc * lora_scale
+    rk = tl.arange(0, BLOCK_K)
+    for k0 in range(0, C, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(X + rm[:, None] * C + kk[None, :], mask=m_mask[:, None] & (kk[None, :] < C), other=0.0)
+        b = tl.load(W + rn[None, :] * C + kk[:, None], mask=kk[:, None] < C, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn).to(tl.float32)[None, :]
+
+    section = (pid_n * BLOCK_N) // HD  # 0: q, 1: k, 2: v
+    col = pid_n * BLOCK_N - section * HD + tl.arange(0, BLOCK_N)
+    b_idx = rm // S
+    s_idx = rm - b_idx * S
+    orow = b_idx * S_TOT + ROW_OFF + s_idx
+    offs = orow[:, None] * HD + col[None, :]
+    omask = m_mask[:, None]
+    if section == 2:
+        tl.store(V + offs, acc.to(V.dtype.element_ty), mask=omask)
+    else:
+        if SAVE_Y:
+            y_offs = orow[:, None] * (2 * HD) + section * HD + col[None, :]
+            tl.store(Y + y_offs, acc.to(Y.dtype.element_ty), mask=omask)
+        if section == 0:
+            out = _norm_rope(acc, NQ, COS, SIN, s_idx, m_mask, stride_cs, stride_cd, stride_ss, stride_sd, eps,
+                             D, BLOCK_M, BLOCK_N, HAS_NQ, HAS_ROPE)
+            tl.store(Q + offs, out.to(Q.dtype.element_ty), mask=omask)
+        else:
+            out = _norm_rope(acc, NK, COS, SIN, s_idx, m_mask, stride_cs, stride_cd, stride_ss, stride_sd, eps,
+                             D, BLOCK_M, BLOCK_N, HAS_NK, HAS_ROPE)
+            tl.store(K + offs, out.to(K.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _norm_rope_bwd(g, Y, NW, COS, SIN, DWP, y_offs, s_idx, m_mask, stride_cs, stride_cd, stride_ss, stride_sd,
+                   eps, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NORM: tl.constexpr,
+                   ROPE: tl.constexpr, NEED_DW: tl.constexpr):
+    HPT: tl.constexpr = BLOCK_N // D
+    if ROPE:  # transpose of the rotation
+        HALF: tl.constexpr = BLOCK_N // 2
+        pair = tl.arange(0, HALF) % (D // 2)
+        c = tl.load(COS + s_idx[:, None] * stride_cs + pair[None, :] * stride_cd, mask=m_mask[:, None], other=0.0)
+        s = tl.load(SIN + s_idx[:, None] * stride_ss + pair[None, :] * stride_sd, mask=m_mask[:, None], other=0.0)
+        ge, go = tl.split(tl.reshape(g, (BLOCK_M, HALF, 2)))
+        g = tl.reshape(tl.join(ge * c + go * s, go * c - ge * s), (BLOCK_M, BLOCK_N))
+    if NORM:
+        y3 = tl.reshape(tl.load(Y + y_offs, mask=m_mask[:, None], other=0.0).to(tl.float32), (BLOCK_M, HPT, D))
+        rstd = tl.rsqrt(tl.sum(y3 * y3, axis=2) / D + eps)
+        xh = y3 * rstd[:, :, None]
+        g3 = tl.reshape(g, (BLOCK_M, HPT, D))
+        if NEED_DW:
+            tl.store(DWP + tl.arange(0, D), tl.sum(tl.sum(g3 * xh, axis=1), axis=0))
+        gx = g3 * tl.load(NW + tl.arange(0, D)).to(tl.float32)[None, None, :]
+        dot = tl.sum(gx * xh, axis=2) / D
+        g = tl.reshape(rstd[:, :, None] * (gx - xh * dot[:, :, None]), (BLOCK_M, BLOCK_N))
+    return g
+
+
+@triton.jit(do_not_specialize=["M", "S", "S_TOT", "ROW_OFF", "M_BASE"])
+def _qkv_bwd_epilogue_kernel(DQ, DK, DV, Y, NQ, NK, COS, SIN, DY, DWP,
+                             M, S, S_TOT, ROW_OFF, M_BASE, HD,
+                             stride_cs, stride_cd, stride_ss, stride_sd, eps,
+                             HAS_NQ: tl.constexpr, HAS_NK: tl.constexpr, HAS_ROPE: tl.constexpr,
+                             NEED_DW: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_mask = rm < M
+    section = (pid_n * BLOCK_N) // HD
+    col = pid_n * BLOCK_N - section * HD + tl.arange(0, BLOCK_N)
+    b_idx = rm // S
+    s_idx = rm - b_idx * S
+    orow = b_idx * S_TOT + ROW_OFF + s_idx
+    offs = orow[:, None] * HD + col[None, :]
+    y_offs = orow[:, None] * (2 * HD) + section * HD + col[None, :]
+    dy_offs = (M_BASE + rm)[:, None] * (3 * HD) + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    omask = m_mask[:, None]
+    dwp = DWP + (pid_m * tl.num_programs(1) + pid_n) * D
+    if section == 2:
+        g = tl.load(DV + offs, mask=omask, other=0.0)
+    elif section == 0:
+        g = _norm_rope_bwd(tl.load(DQ + offs, mask=omask, other=0.0).to(tl.float32), Y, NQ, COS, SIN, dwp, y_offs,
+                           s_idx, m_mask, stride_cs, stride_cd, stride_ss, stride_sd, eps, D, BLOCK_M, BLOCK_N,
+                           HAS_NQ, HAS_ROPE, NEED_DW)
+    else:
+        g = _norm_rope_bwd(tl.load(DK + offs, mask=omask, other=0.0).to(tl.float32), Y, NK, COS, SIN, dwp, y_offs,
+                           s_idx, m_mask, stride_cs, stride_cd, stride_ss, stride_sd, eps, D, BLOCK_M, BLOCK_N,
+                           HAS_NK, HAS_ROPE, NEED_DW)
+    tl.store(DY + dy_offs, g.to(DY.dtype.element_ty), mask=omask)
+
+
+INTERPRETED = type(_qkv_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+class _Skip:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _launcher(kernel, probe: torch.Tensor):
+    """`wrap_triton(kernel)` on GPUs. Under the interpreter the kernel runs eagerly on real tensors; fake tensors
+    (shape propagation, opcheck) need no launch; tracing (torch.compile) cannot capture interpreted kernels."""
+    if not INTERPRETED:
+        return wrap_triton(kernel)
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    if isinstance(probe, FunctionalTensor) or torch._is_functional_tensor(probe):
+        from .backend import BackendError
+
+        raise BackendError("torch.compile cannot trace the Triton interpreter (TRITON_INTERPRET=1); compile with "
+                           "QWEN_FUSED_BACKEND=torch or auto on CPU")
+    if isinstance(probe, FakeTensor):
+        return _Skip()
+    return kernel
+
+
+def _heads_per_tile(heads: int, head_dim: int, max_n: int) -> int:
+    hpt = 1
+    while heads % (hpt * 2) == 0 and hpt * 2 * head_dim <= max_n:
+        hpt *= 2
+    return hpt
+
+
+def tiles(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> dict:
+    """Tile config, keyed on architecture, dtype and head layout only (never on sequence length)."""
+    if INTERPRETED or device.type != "cuda":
+        return dict(BLOCK_M=32, max_n=128, BLOCK_K=32, num_warps=4, num_stages=1)
+    major, _ = torch.cuda.get_device_capability(device)
+    wide = dtype != torch.float32
+    if major >= 9:  # Hopper
+        cfg = dict(BLOCK_M=128, max_n=256 if wide else 128, BLOCK_K=64 if wide else 32, num_warps=8, num_stages=3)
+    elif major >= 8:  # Ampere / Ada
+        cfg = dict(BLOCK_M=128, max_n=128, BLOCK_K=32, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=64, max_n=128, BLOCK_K=32, num_warps=4, num_stages=2)
+    return cfg
+
+
+def _precision(dtype):
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _alloc(shape, like, poison):
+    if poison:
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+def _rope_strides(cos, sin):
+    if cos is None:
+        return 0, 0, 0, 0
+    return cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1)
+
+
+def forward(streams, heads: int, eps: float, save_y: bool, poison: bool):
+    """streams: list of dicts (x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b, lora_scale).
+
+    Returns q, k, v `[B, sum S, heads, D]` and the pre-norm q|k `[B, sum S, 2 * heads * D]` (empty unless save_y).
+    """
+    x0 = streams[0]["x"]
+    B = x0.shape[0]
+    N = streams[0]["weight"].shape[0]
+    HD = N // 3
+    D = HD // heads
+    S_tot = sum(s["x"].shape[1] for s in streams)
+    q = _alloc((B, S_tot, heads, D), x0, poison)
+    k = _alloc((B, S_tot, heads, D), x0, poison)
+    v = _alloc((B, S_tot, heads, D), x0, poison)
+    y = _alloc((B, S_tot, 2 * HD), x0, poison) if save_y else x0.new_empty(0)
+    cfg = tiles(x0.device, x0.dtype, heads, D)
+    block_n = _heads_per_tile(heads, D, cfg["max_n"]) * D
+    row_off = 0
+    for st in streams:
+        x = st["x"]
+        S, C = x.shape[1], x.shape[2]
+        M = B * S
+        if M > 0:
+            x2 = x.reshape(M, C).contiguous()
+            w = st["weight"].contiguous()
+            a, lb = st.get("lora_a"), st.get("lora_b")
+            has_lora = a is not None and a.shape[0] > 0
+            if has_lora:
+                lb = lb.contiguous()
+                sl = torch.matmul(x2.to(a.dtype), a.t()).to(lb.dtype).contiguous()  # S = x A^T, as peft's lora_A
+                R = a.shape[0]
+            else:
+                sl, lb, R = q, q, 0
+            cos, sin = st.get("cos"), st.get("sin")
+            nq, nk, bias = st.get("norm_q"), st.get("norm_k"), st.get("bias")
+            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * (N // block_n),)
+            _launcher(_qkv_fwd_kernel, q)[grid](
+                x2, w, q if bias is None else bias, sl, lb, q if nq is None else nq, q if nk is None else nk,
+                q if cos is None else cos, q if sin is None else sin, q, k, v, y,
+                M, S, S_tot, row_off, C, R, HD, *_rope_strides(cos, sin), float(st.get("lora_scale", 1.0)),
+                float(eps),
+                HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_NQ=nq is not None, HAS_NK=nk is not None,
+                HAS_ROPE=cos is not None, SAVE_Y=save_y, PRECISION=_precision(x.dtype),
+                LORA_PRECISION=_precision(lb.dtype), D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
+                BLOCK_K=cfg["BLOCK_K"], BLOCK_R=max(16, min(64, triton.next_power_of_2(max(R, 1)))), GROUP_M=8,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+        row_off += S
+    return q, k, v, y
+
+
+def epilogue_backward(dq, dk, dv, y, streams, heads: int, eps: float, need_dnorm: bool):
+    """dq/dk/dv joint `[B, sum S, H, D]` -> dY `[sum M, 3 * H * D]` (stream i at rows sum_{j<i} M_j) in dq.dtype,
+    and the norm-weight gradients `[len(streams), 2, D]` float32 (zeros unless need_dnorm)."""
+    B, S_tot, _, D = dq.shape
+    HD = heads * D
+    M_all = sum(B * s["x"].shape[1] for s in streams)
+    dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
+    dy = torch.empty((M_all, 3 * HD), dtype=dq.dtype, device=dq.device)
+    cfg = tiles(dq.device, dq.dtype, heads, D)
+    block_m = min(cfg["BLOCK_M"], 64)
+    block_n = _heads_per_tile(heads, D, 128) * D
+    num_n = 3 * HD // block_n
+    dnorm = []
+    row_off = m_base = 0
+    for st in streams:
+        S = st["x"].shape[1]
+        M = B * S
+        nq, nk, cos, sin = st.get("norm_q"), st.get("norm_k"), st.get("cos"), st.get("sin")
+        num_m = triton.cdiv(M, block_m)
+        dwp = torch.zeros((num_m, num_n, D) if need_dnorm else (1,), dtype=torch.float32, device=dq.device)
+        if M > 0:
+            _launcher(_qkv_bwd_epilogue_kernel, dy)[(num_m, num_n)](
+                dq, dk, dv, dq if y.numel() == 0 else y, dq if nq is None else nq, dq if nk is None else nk,
+                dq if cos is None else cos, dq if sin is None else sin, dy, dwp,
+                M, S, S_tot, row_off, m_base, HD, *_rope_strides(cos, sin), float(eps),
+                HAS_NQ=nq is not None, HAS_NK=nk is not None, HAS_ROPE=cos is not None, NEED_DW=need_dnorm,
+                D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,
+            )
+        if need_dnorm:
+            per_n = dwp.sum(0)  # [num_n, D]
+            q_tiles = HD // block_n
+            dnorm.append(torch.stack([per_n[:q_tiles].sum(0), per_n[q_tiles:2 * q_tiles].sum(0)]))
+        else:
+            dnorm.append(torch.zeros((2, D), dtype=torch.float32, device=dq.device))
+        row_off += S
+        m_base += M
+    return dy, torch.stack(dnorm)

@@ -1,0 +1,220 @@
+"""`qwen-fused check`: stock diffusers vs fused, side by side, each against a float64 run.
+
+For outputs and gradients it prints max and RMS relative error of fused vs stock, stock vs float64 and
+fused vs float64, and exits non-zero if fused is further from float64 than stock is.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass
+from math import prod
+
+import torch
+
+from .fuse import fuse_qkv
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+# fused may be this much further from float64 than stock before the check fails: a relative margin for
+# rounding noise plus an absolute floor of a fraction of the dtype's epsilon (errors near 0 are noise)
+MARGIN, FLOOR_EPS = 1.25, 0.25
+
+
+@dataclass
+class Case:
+    name: str
+    config: dict
+    batch: int
+    txt_len: int
+    img_shapes: tuple  # one sample's [(1, h, w), ...]: target then edit images
+    valid_lens: tuple | None = None
+    attn_grads_only: bool = False  # weight gradients of the attention only (keeps the CPU run short)
+
+
+def tiny_cases():
+    base = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, joint_attention_dim=24)
+    return [
+        Case("tiny 3x32, 2 edits, text mask", dict(base, attention_head_dim=32, num_attention_heads=3,
+                                                    axes_dims_rope=(8, 12, 12)),
+             batch=2, txt_len=9, img_shapes=((1, 4, 6), (1, 4, 4), (1, 3, 5)), valid_lens=(9, 4)),
+        Case("tiny 2x128, zero_cond_t, S_txt=1", dict(base, attention_head_dim=128, num_attention_heads=2,
+                                                       axes_dims_rope=(16, 56, 56), zero_cond_t=True),
+             batch=1, txt_len=1, img_shapes=((1, 5, 3), (1, 4, 4))),
+    ]
+
+
+def real_width_case(device):
+    """One block at real width (3072 = 24 x 128, random weights); an edit shape sized to the device."""
+    cfg = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128,
+               num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
+    if device.type == "cuda":  # 1024x1024 target + one 1024x1024 edit image, a long prompt
+        return Case("real width 24x128, edit 1024 (S_img 8192, S_txt 512)", cfg, 1, 512, ((1, 64, 64),) * 2)
+    return Case("real width 24x128, small edit (S_img 136, S_txt 29)", cfg, 1, 29, ((1, 8, 9), (1, 8, 8)),
+                attn_grads_only=True)
+
+
+def _build(case: Case, device, seed):
+    from diffusers import QwenImageTransformer2DModel
+
+    with torch.device("meta"):
+        model = QwenImageTransformer2DModel(**case.config)
+    model.to_empty(device=device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                v = torch.rand(p.shape, generator=g) + 0.5
+            else:
+                fan_in = p.shape[-1] if p.dim() > 1 else 64
+                v = torch.randn(p.shape, generator=g) / fan_in ** 0.5
+            p.copy_(v)
+    # the RoPE tables are plain attributes (not buffers), built on meta above: build them for real
+    model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(case.config["axes_dims_rope"]),
+                                            scale_rope=True)
+    if case.attn_grads_only:
+        for name, p in model.named_parameters():
+            p.requires_grad_(".attn." in name)
+    return model
+
+
+def _inputs(case: Case, model, device, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    s_img = sum(prod(s) for s in case.img_shapes)
+    cfg = model.config
+    kw = dict(
+        hidden_states=torch.randn(case.batch, s_img, cfg.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(case.batch, case.txt_len, cfg.joint_attention_dim, generator=g),
+        timestep=torch.rand(case.batch, generator=g),
+    )
+    kw = {k: v.to(device) for k, v in kw.items()}
+    kw["img_shapes"] = [list(case.img_shapes)] * case.batch
+    if case.valid_lens is not None:
+        mask = torch.zeros(case.batch, case.txt_len, dtype=torch.bool)
+        for i, n in enumerate(case.valid_lens):
+            mask[i, :n] = True
+        kw["encoder_hidden_states_mask"] = mask.to(device)
+    return kw
+
+
+def _run(model, inputs, dtype, grad_out):
+    """Forward + backward; returns {quantity: float64 tensor} for the output and every gradient."""
+    kw = {k: (v.detach().to(dtype).requires_grad_(True) if torch.is_tensor(v) and v.is_floating_point() else v)
+          for k, v in inputs.items()}
+    out = model(**kw).sample
+    out.backward(grad_out.to(out.dtype))
+    res = {"output": out.detach().double(),
+           "grad hidden_states": kw["hidden_states"].grad.double(),
+           "grad encoder_hidden_states": kw["encoder_hidden_states"].grad.double()}
+    qkv, other = [], []
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if any(s in name for s in ("to_q.", "to_k.", "to_v.", "add_q_proj.", "add_k_proj.", "add_v_proj.",
+                                   "to_qkv.", "add_qkv_proj.")):
+            qkv.append((_stock_order_key(name), p.grad.double().flatten()))
+        else:
+            other.append((name, p.grad.double().flatten()))
+    res["grad q/k/v weights+biases"] = torch.cat([g for _, g in sorted(qkv, key=lambda t: t[0])])
+    res["grad other parameters"] = torch.cat([g for _, g in sorted(other, key=lambda t: t[0])])
+    return res
+
+
+def _stock_order_key(name):
+    """Sort key that lines up fused to_qkv rows with stock to_q, to_k, to_v (same for the text stream)."""
+    for merged, parts in (("to_qkv", ("to_q", "to_k", "to_v")),
+                          ("add_qkv_proj", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+        for i, part in enumerate(parts):
+            name = name.replace(f".{part}.", f".{merged}.{i}.")
+    block, _, rest = name.partition(".attn.")
+    stream, _, rest = rest.partition(".")
+    idx, _, leaf = rest.partition(".") if rest[:1].isdigit() else ("", "", rest)
+    return (block, stream, leaf, idx)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers warns on every `.to(dtype)` of a model that has no fp32-pinned modules; nothing to act on here."""
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _rel(a, b):
+    d = a - b
+    return (d.abs().max() / b.abs().max().clamp_min(1e-300)).item(), (d.norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def run_check(device="cpu", dtype="fp32", real_width=True, seed=0, verbose=True):
+    """Run every case; returns (rows, ok). Each row: case, quantity, fused/stock, stock/f64, fused/f64, ok."""
+    device = torch.device(device)
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    floor = FLOOR_EPS * torch.finfo(dt).eps
+    cases = tiny_cases() + ([real_width_case(device)] if real_width else [])
+    rows, ok = [], True
+    for case in cases:
+        t0 = time.time()
+        stock = _build(case, device, seed)
+        inputs = _inputs(case, stock, device, seed + 1)
+        with _quiet_diffusers():
+            ref64 = copy.deepcopy(stock).double()
+            fused = fuse_qkv(copy.deepcopy(stock).to(dt))
+            stock = stock.to(dt)
+        with torch.no_grad():
+            probe = ref64(**{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+                             for k, v in inputs.items()}).sample
+        grad_out = torch.randn(probe.shape, generator=torch.Generator().manual_seed(seed + 2)).to(device)
+        r = _run(ref64, inputs, torch.float64, grad_out)
+        del ref64
+        s = _run(stock, inputs, dt, grad_out)
+        del stock
+        f = _run(fused, inputs, dt, grad_out)
+        del fused
+        for q in r:
+            fs, sr, fr = _rel(f[q], s[q]), _rel(s[q], r[q]), _rel(f[q], r[q])
+            good = all(fr[i] <= MARGIN * sr[i] + floor for i in (0, 1))
+            ok &= good
+            rows.append((case.name, q, fs, sr, fr, good))
+        if verbose:
+            print(f"  {case.name}: {time.time() - t0:.1f}s", flush=True)
+    if any(c.attn_grads_only for c in cases):
+        print("  (real-width case on CPU: weight gradients of the attention only; the tiny cases check all)")
+    return rows, ok
+
+
+def format_table(rows) -> str:
+    head = ("case", "quantity", "fused vs stock max/rms", "stock vs f64 max/rms", "fused vs f64 max/rms", "")
+    fmt = lambda e: f"{e[0]:.2e} / {e[1]:.2e}"  # noqa: E731
+    body = [(c, q, fmt(fs), fmt(sr), fmt(fr), "ok" if good else "WORSE") for c, q, fs, sr, fr, good in rows]
+    widths = [max(len(str(r[i])) for r in [head] + body) for i in range(len(head))]
+    line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in body])
+
+
+def add_parser(sub):
+    p = sub.add_parser("check", help="equivalence suite: stock diffusers vs fused, both vs float64",
+                       description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--no-real-width", action="store_true", help="skip the 3072-wide block (tiny models only)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    from .kernels import fused_qkv  # noqa: F401  (fail early if the package is broken)
+
+    print(f"qwen-fused check on {args.device}, {dtype}: stock diffusers vs fused, each vs a float64 run")
+    rows, ok = run_check(args.device, dtype, real_width=not args.no_real_width, seed=args.seed)
+    print(format_table(rows))
+    print("\nPASS: fused is no further from float64 than stock diffusers" if ok else
+          "\nFAIL: fused is further from float64 than stock diffusers on the rows marked WORSE")
+    return 0 if ok else 1

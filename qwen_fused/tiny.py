@@ -1,0 +1,130 @@
+"""Tiny random Qwen-Image-Edit pipelines, built offline, for tests and `--demo` runs.
+
+Same classes as the real checkpoints (stock diffusers pipelines, `QwenImageTransformer2DModel`,
+`AutoencoderKLQwenImage`, `Qwen2_5_VLForConditionalGeneration`, `Qwen2Tokenizer`, `Qwen2VLProcessor`), only
+small: transformer 2 blocks of 3 heads x 16, VAE z_dim 4, text encoder 2 text + 2 vision layers of width 16,
+a byte-level tokenizer whose Qwen special tokens sit at their real ids. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import torch
+# diffusers' loader matches a custom component against base classes it looks up by name in the component's
+# module, so ProcessorMixin must be importable from here
+from transformers import ProcessorMixin, Qwen2VLProcessor  # noqa: F401
+
+VARIANTS = ("edit", "2509", "2511")
+# Qwen2 special tokens at their ids in the real vocabulary (the prompt templates use im_start/im_end,
+# vision_start/vision_end and image_pad; the text encoder's config points at these ids)
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+FIRST_SPECIAL_ID = 151643
+VOCAB_SIZE = 152064
+# the text encoder's vision tower sees at most this many pixels (Qwen2-VL resizes to 28-pixel multiples)
+TINY_VL_MAX_PIXELS = 56 * 56
+
+
+def tiny_transformer(seed: int = 0, zero_cond_t: bool = False, **overrides):
+    """A 2-block `QwenImageTransformer2DModel` (3 heads x 16, joint dim 16, in 16 / out 4 channels)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    config = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                  num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+                  zero_cond_t=zero_cond_t)
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return QwenImageTransformer2DModel(**config)
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKLQwenImage
+
+    z_dim = 4
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(base_dim=z_dim * 6, z_dim=z_dim, dim_mult=[1, 2, 4], num_res_blocks=1,
+                                  temperal_downsample=[False, True], latents_mean=[0.0] * z_dim,
+                                  latents_std=[1.0] * z_dim)
+
+
+def tiny_text_encoder(seed: int = 0):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "vocab_size": VOCAB_SIZE,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "rope_theta": 1000000.0,
+        },
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
+        hidden_size=16, vocab_size=VOCAB_SIZE,
+        image_token_id=SPECIAL_TOKENS.index("<|image_pad|>") + FIRST_SPECIAL_ID,
+        video_token_id=SPECIAL_TOKENS.index("<|video_pad|>") + FIRST_SPECIAL_ID,
+        vision_start_token_id=SPECIAL_TOKENS.index("<|vision_start|>") + FIRST_SPECIAL_ID,
+        vision_end_token_id=SPECIAL_TOKENS.index("<|vision_end|>") + FIRST_SPECIAL_ID,
+    )
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def tiny_tokenizer():
+    """Byte-level `Qwen2Tokenizer` (no merges: one token per UTF-8 byte) with Qwen's special tokens."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
+    vocab.update({tok: FIRST_SPECIAL_ID + i for i, tok in enumerate(SPECIAL_TOKENS)})
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    return tokenizer
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """`Qwen2VLProcessor` with no video processor (the stock one needs torchvision): images and text only.
+
+    Module-level so that a saved tiny pipeline records `["qwen_fused.tiny", "ImageOnlyQwen2VLProcessor"]` in
+    its `model_index.json` and the stock `DiffusionPipeline.from_pretrained` loads it back.
+    """
+
+    @classmethod
+    def get_attributes(cls):
+        return ["image_processor", "tokenizer"]
+
+
+def tiny_processor(tokenizer=None):
+    from transformers import Qwen2VLImageProcessorPil
+
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=TINY_VL_MAX_PIXELS)
+    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer or tiny_tokenizer())
+
+
+def tiny_edit_pipeline(seed: int = 0, variant: str = "edit"):
+    """A stock `QwenImageEditPipeline` ("edit") or `QwenImageEditPlusPipeline` ("2509", "2511", the latter with
+    `zero_cond_t`) with tiny random components, fp32 on CPU. Same seed -> same weights."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny pipeline variant {variant!r}; choose one of {VARIANTS}")
+    tokenizer = tiny_tokenizer()
+    components = dict(
+        transformer=tiny_transformer(seed, zero_cond_t=variant == "2511"),
+        vae=tiny_vae(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=tiny_text_encoder(seed),
+        tokenizer=tokenizer,
+        processor=tiny_processor(tokenizer),
+    )
+    cls = QwenImageEditPipeline if variant == "edit" else QwenImageEditPlusPipeline
+    pipe = cls(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_tiny_pipeline(path, seed: int = 0, variant: str = "edit"):
+    """Build `tiny_edit_pipeline(seed, variant)` and `save_pretrained` it to `path` so that the stock
+    `DiffusionPipeline.from_pretrained(path)` loads it offline. Returns the in-memory pipeline."""
+    pipe = tiny_edit_pipeline(seed, variant)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return pipe

@@ -1,0 +1,84 @@
+"""Shared test utilities: tiny stock models, inputs, error metrics, stock<->merged name mapping."""
+from __future__ import annotations
+
+import copy
+from math import prod
+
+import torch
+from diffusers import QwenImageTransformer2DModel
+
+MERGED = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def rel_err(a, b):
+    """(max |a-b| / max |b|, rms(a-b) / rms(b)) in float64."""
+    a, b = a.double(), b.double()
+    d = a - b
+    return (d.abs().max() / b.abs().max().clamp_min(1e-300)).item(), (d.norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def assert_close(a, b, tol, name=""):
+    mx, rms = rel_err(a, b)
+    assert torch.isfinite(a).all(), f"{name}: non-finite values"
+    if mx > tol:
+        idx = (a.double() - b.double()).abs().argmax()
+        coord = torch.unravel_index(idx, a.shape)
+        raise AssertionError(f"{name}: max rel err {mx:.3e} (rms {rms:.3e}) > {tol:.1e} at "
+                             f"{tuple(int(c) for c in coord)}: {a.flatten()[idx].item()} vs {b.flatten()[idx].item()}")
+
+
+def tiny_transformer(heads=3, head_dim=32, layers=2, zero_cond_t=False, seed=0, dtype=torch.float32):
+    """A stock QwenImageTransformer2DModel with every parameter redrawn (norm weights too, so they matter)."""
+    torch.manual_seed(seed)
+    rope = {16: (4, 6, 6), 32: (8, 12, 12), 64: (16, 24, 24), 128: (16, 56, 56)}[head_dim]
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=24, axes_dims_rope=rope, zero_cond_t=zero_cond_t,
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.3 / p.shape[-1] ** 0.25 if p.dim() > 1 else 0.1)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def tiny_inputs(batch=2, txt_len=7, img_shapes=((1, 4, 6), (1, 4, 4)), valid_lens=None, seed=1,
+                dtype=torch.float32, requires_grad=False):
+    """Inputs for a tiny transformer: img_shapes is one sample's [(1, h, w), ...] (target first, then edits)."""
+    g = torch.Generator().manual_seed(seed)
+    s_img = sum(prod(s) for s in img_shapes)
+    kw = dict(
+        hidden_states=torch.randn(batch, s_img, 16, generator=g, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch, txt_len, 24, generator=g, dtype=dtype),
+        timestep=torch.rand(batch, generator=g, dtype=dtype),
+        img_shapes=[list(img_shapes)] * batch,
+    )
+    if valid_lens is not None:
+        mask = torch.zeros(batch, txt_len, dtype=torch.bool)
+        for i, n in enumerate(valid_lens):
+            mask[i, :n] = True
+        kw["encoder_hidden_states_mask"] = mask
+    if requires_grad:
+        kw["hidden_states"].requires_grad_(True)
+        kw["encoder_hidden_states"].requires_grad_(True)
+    return kw
+
+
+def clone_inputs(kw):
+    return {k: (v.detach().clone().requires_grad_(v.requires_grad) if torch.is_tensor(v) else copy.deepcopy(v))
+            for k, v in kw.items()}
+
+
+def merged_view(stock_tensors: dict) -> dict:
+    """Stock parameter-name -> tensor dict in merged layout (q/k/v concatenated along dim 0)."""
+    out = dict(stock_tensors)
+    for merged, parts in MERGED.items():
+        for name in [n for n in stock_tensors if f".attn.{parts[0]}." in n]:
+            stem, leaf = name.split(f".attn.{parts[0]}.")
+            names = [f"{stem}.attn.{p}.{leaf}" for p in parts]
+            out[f"{stem}.attn.{merged}.{leaf}"] = torch.cat([stock_tensors[n] for n in names])
+            for n in names:
+                del out[n]
+    return out
