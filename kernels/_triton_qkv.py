@@ -13,6 +13,8 @@ backward (dX, dA, dB, dW) are cuBLAS calls in `fused_qkv.py`.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -193,22 +195,35 @@ def _heads_per_tile(heads: int, head_dim: int, max_n: int) -> int:
 
 
 def tiles(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> dict:
-    """Tile config, keyed on architecture, dtype and head layout only (never on sequence length)."""
+    """Tile config, keyed on architecture, dtype and head layout only (never on sequence length).
+
+    `max_n` caps BLOCK_N = heads-per-tile * head_dim. QWEN_FUSED_TILES="BLOCK_M,max_n,BLOCK_K,num_warps,num_stages"
+    overrides it on GPUs (for tuning runs of the benchmark; read per call).
+    """
     if INTERPRETED or device.type != "cuda":
         return dict(BLOCK_M=32, max_n=128, BLOCK_K=32, num_warps=4, num_stages=1)
+    override = os.environ.get("QWEN_FUSED_TILES")
+    if override:
+        vals = [int(v) for v in override.split(",")]
+        if len(vals) != 5:
+            raise ValueError(f"QWEN_FUSED_TILES must be BLOCK_M,max_n,BLOCK_K,num_warps,num_stages; got {override!r}")
+        return dict(zip(("BLOCK_M", "max_n", "BLOCK_K", "num_warps", "num_stages"), vals))
     major, _ = torch.cuda.get_device_capability(device)
-    wide = dtype != torch.float32
-    if major >= 9:  # Hopper
-        cfg = dict(BLOCK_M=128, max_n=256 if wide else 128, BLOCK_K=64 if wide else 32, num_warps=8, num_stages=3)
-    elif major >= 8:  # Ampere / Ada
-        cfg = dict(BLOCK_M=128, max_n=128, BLOCK_K=32, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=64, max_n=128, BLOCK_K=32, num_warps=4, num_stages=2)
-    return cfg
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, max_n=128, BLOCK_K=32, num_warps=4, num_stages=2)
+    if major >= 9:  # Hopper; BLOCK_N 128 leaves registers for the fp32 epilogue
+        return dict(BLOCK_M=128, max_n=128, BLOCK_K=64, num_warps=8, num_stages=4)
+    if major >= 8:  # Ampere / Ada (~100 KB shared memory on consumer parts)
+        return dict(BLOCK_M=128, max_n=128, BLOCK_K=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=64, max_n=128, BLOCK_K=32, num_warps=4, num_stages=2)
+
+
+def _or(t, dummy):
+    return dummy if t is None else t
 
 
 def _precision(dtype):
-    return "ieee" if dtype == torch.float32 else None
+    return "ieee" if dtype == torch.float32 else "tf32"  # (ignored for 16-bit operands)
 
 
 def _alloc(shape, like, poison):
@@ -240,6 +255,7 @@ def forward(streams, heads: int, eps: float, save_y: bool, poison: bool):
     y = _alloc((B, S_tot, 2 * HD), x0, poison) if save_y else x0.new_empty(0)
     cfg = tiles(x0.device, x0.dtype, heads, D)
     block_n = _heads_per_tile(heads, D, cfg["max_n"]) * D
+    dummy = x0.new_empty(8)  # stands in for absent tensors (never read); keeps outputs unaliased among the args
     row_off = 0
     for st in streams:
         x = st["x"]
@@ -255,13 +271,13 @@ def forward(streams, heads: int, eps: float, save_y: bool, poison: bool):
                 sl = torch.matmul(x2.to(a.dtype), a.t()).to(lb.dtype).contiguous()  # S = x A^T, as peft's lora_A
                 R = a.shape[0]
             else:
-                sl, lb, R = q, q, 0
+                sl, lb, R = dummy, dummy, 0
             cos, sin = st.get("cos"), st.get("sin")
             nq, nk, bias = st.get("norm_q"), st.get("norm_k"), st.get("bias")
             grid = (triton.cdiv(M, cfg["BLOCK_M"]) * (N // block_n),)
             _launcher(_qkv_fwd_kernel, q)[grid](
-                x2, w, q if bias is None else bias, sl, lb, q if nq is None else nq, q if nk is None else nk,
-                q if cos is None else cos, q if sin is None else sin, q, k, v, y,
+                x2, w, _or(bias, dummy), sl, lb, _or(nq, dummy), _or(nk, dummy), _or(cos, dummy), _or(sin, dummy),
+                q, k, v, y if save_y else dummy,
                 M, S, S_tot, row_off, C, R, HD, *_rope_strides(cos, sin), float(st.get("lora_scale", 1.0)),
                 float(eps),
                 HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_NQ=nq is not None, HAS_NK=nk is not None,
@@ -274,18 +290,19 @@ def forward(streams, heads: int, eps: float, save_y: bool, poison: bool):
     return q, k, v, y
 
 
-def epilogue_backward(dq, dk, dv, y, streams, heads: int, eps: float, need_dnorm: bool):
+def epilogue_backward(dq, dk, dv, y, streams, heads: int, eps: float, need_dnorm: bool, poison: bool = False):
     """dq/dk/dv joint `[B, sum S, H, D]` -> dY `[sum M, 3 * H * D]` (stream i at rows sum_{j<i} M_j) in dq.dtype,
     and the norm-weight gradients `[len(streams), 2, D]` float32 (zeros unless need_dnorm)."""
     B, S_tot, _, D = dq.shape
     HD = heads * D
     M_all = sum(B * s["x"].shape[1] for s in streams)
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
-    dy = torch.empty((M_all, 3 * HD), dtype=dq.dtype, device=dq.device)
+    dy = _alloc((M_all, 3 * HD), dq, poison)
     cfg = tiles(dq.device, dq.dtype, heads, D)
     block_m = min(cfg["BLOCK_M"], 64)
     block_n = _heads_per_tile(heads, D, 128) * D
     num_n = 3 * HD // block_n
+    dummy = dq.new_empty(8)
     dnorm = []
     row_off = m_base = 0
     for st in streams:
@@ -296,8 +313,8 @@ def epilogue_backward(dq, dk, dv, y, streams, heads: int, eps: float, need_dnorm
         dwp = torch.zeros((num_m, num_n, D) if need_dnorm else (1,), dtype=torch.float32, device=dq.device)
         if M > 0:
             _launcher(_qkv_bwd_epilogue_kernel, dy)[(num_m, num_n)](
-                dq, dk, dv, dq if y.numel() == 0 else y, dq if nq is None else nq, dq if nk is None else nk,
-                dq if cos is None else cos, dq if sin is None else sin, dy, dwp,
+                dq, dk, dv, y if y.numel() else dummy, _or(nq, dummy), _or(nk, dummy), _or(cos, dummy),
+                _or(sin, dummy), dy, dwp,
                 M, S, S_tot, row_off, m_base, HD, *_rope_strides(cos, sin), float(eps),
                 HAS_NQ=nq is not None, HAS_NK=nk is not None, HAS_ROPE=cos is not None, NEED_DW=need_dnorm,
                 D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,

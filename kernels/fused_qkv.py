@@ -28,8 +28,6 @@ Example::
 from __future__ import annotations
 
 import os
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -204,7 +202,7 @@ def _run(streams, heads, eps):
         tensors = [st[k] for st in streams for k in _LISTS]
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         save_y = grad and any(st["norm_q"] is not None or st["norm_k"] is not None for st in streams)
-        q, k, v, _ = torch.ops.qwen_fused.joint_qkv(*[[st[k] for st in streams] for k in _LISTS],
+        q, k, v, _ = torch.ops.qwen_fused.joint_qkv(*_op_lists(streams),
                                                     [float(st["lora_scale"]) for st in streams], heads, float(eps),
                                                     save_y)
         return q, k, v
@@ -221,11 +219,38 @@ def _run(streams, heads, eps):
 # Each takes per-stream lists (one entry for fused_qkv, two for joint_qkv). The body picks the Triton kernels
 # (CUDA, or CPU under the interpreter with the `triton` backend) or the torch reference; the GEMMs of the
 # backward are plain torch matmuls in `_backward`.
+# Absent optional tensors travel as empty tensors (rank-0 LoRA factors for LoRA): torch.library differentiates a
+# tensor list only when it holds no None, and a LoRA on one stream only must still get its gradient.
 
 
-def _streams(x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b, lora_scale):
-    return [dict(zip(STREAM_KEYS, vals)) for vals in zip(x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b,
-                                                          lora_scale)]
+def _op_lists(streams):
+    """Stream dicts -> the op's nine tensor lists, absent entries replaced by empty placeholders."""
+    out = []
+    for key in _LISTS:
+        lst = []
+        for st in streams:
+            t = st[key]
+            if t is None:
+                x, w = st["x"], st["weight"]
+                shape = {"lora_a": (0, x.shape[-1]), "lora_b": (w.shape[0], 0)}.get(key, (0,))
+                t = x.new_empty(shape, dtype=torch.float32 if key in ("cos", "sin") else x.dtype)
+            lst.append(t)
+        out.append(lst)
+    return out
+
+
+def _present(key, t):
+    if t is None:
+        return None
+    if key in ("lora_a", "lora_b"):
+        return t if t.shape[-2 if key == "lora_a" else -1] > 0 else None
+    return t if t.numel() > 0 else None
+
+
+def _streams(*lists):
+    """The op's lists (+ lora_scale) -> stream dicts with None for absent tensors."""
+    return [{k: (_present(k, v) if k in _LISTS[2:] else v) for k, v in zip(STREAM_KEYS, vals)}
+            for vals in zip(*lists)]
 
 
 def _kernels_for(x, weight, heads):
@@ -260,9 +285,9 @@ def _forward_torch(streams, heads, eps, save_y):
 
 
 @torch.library.triton_op("qwen_fused::joint_qkv", mutates_args=())
-def _joint_qkv_op(x: list[Tensor], weight: list[Tensor], bias: list[Optional[Tensor]], norm_q: list[Optional[Tensor]],
-                  norm_k: list[Optional[Tensor]], cos: list[Optional[Tensor]], sin: list[Optional[Tensor]],
-                  lora_a: list[Optional[Tensor]], lora_b: list[Optional[Tensor]], lora_scale: list[float],
+def _joint_qkv_op(x: list[Tensor], weight: list[Tensor], bias: list[Tensor], norm_q: list[Tensor],
+                  norm_k: list[Tensor], cos: list[Tensor], sin: list[Tensor],
+                  lora_a: list[Tensor], lora_b: list[Tensor], lora_scale: list[float],
                   heads: int, eps: float, save_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q, k, v `[B, sum S, H, D]` and the pre-norm q|k `[B, sum S, 2 H D]` kept for backward (empty unless save_y)."""
     streams = _streams(x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b, lora_scale)
@@ -307,16 +332,17 @@ def _epilogue_bwd_torch(dq, dk, dv, y, streams, heads, eps, need_dnorm):
 
 @torch.library.triton_op("qwen_fused::joint_qkv_bwd", mutates_args=())
 def _joint_qkv_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, y: Tensor, x: list[Tensor], weight: list[Tensor],
-                      norm_q: list[Optional[Tensor]], norm_k: list[Optional[Tensor]], cos: list[Optional[Tensor]],
-                      sin: list[Optional[Tensor]], heads: int, eps: float,
-                      need_dnorm: bool) -> tuple[Tensor, Tensor]:
+                      norm_q: list[Tensor], norm_k: list[Tensor], cos: list[Tensor],
+                      sin: list[Tensor], heads: int, eps: float, need_dnorm: bool,
+                      kernels: bool) -> tuple[Tensor, Tensor]:
     """Epilogue backward: dY `[sum B*S, 3 H D]` (streams stacked by rows) and norm-weight grads `[streams, 2, D]`."""
     n = len(x)
-    streams = _streams(x, weight, [None] * n, norm_q, norm_k, cos, sin, [None] * n, [None] * n, [1.0] * n)
-    if _kernels_for(x[0], weight[0], heads):
+    streams = _streams(x, weight, [x[0].new_empty(0)] * n, norm_q, norm_k, cos, sin,
+                       [x[0].new_empty(0, 0)] * n, [x[0].new_empty(0, 0)] * n, [1.0] * n)
+    if kernels:
         from . import _triton_qkv
 
-        return _triton_qkv.epilogue_backward(dq, dk, dv, y, streams, heads, eps, need_dnorm)
+        return _triton_qkv.epilogue_backward(dq, dk, dv, y, streams, heads, eps, need_dnorm, _poison())
     return _epilogue_bwd_torch(dq, dk, dv, y, streams, heads, eps, need_dnorm)
 
 
@@ -324,7 +350,7 @@ def _setup_context(ctx, inputs, output):
     lists = inputs[:9]
     ctx.n = len(lists[0])
     ctx.lora_scale, ctx.heads, ctx.eps = inputs[9], inputs[10], inputs[11]
-    ctx.has_bias = [b is not None for b in inputs[2]]
+    ctx.kernels = _kernels_for(lists[0][0], lists[1][0], ctx.heads)  # backward takes the forward's route
     ctx.mark_non_differentiable(output[3])
     # bias is not needed in backward unless y must be recomputed; keep it (a view, no copy)
     ctx.save_for_backward(*[t for lst in lists for t in lst], output[3])
@@ -336,7 +362,8 @@ def _backward(ctx, dq, dk, dv, _dy_unused):
     lists = [list(saved[i * n:(i + 1) * n]) for i in range(9)]
     y = saved[9 * n]
     streams = _streams(*lists, ctx.lora_scale)
-    need = dict(zip(_LISTS, ctx.needs_input_grad[:9]))
+    # per-stream flags; an input list holding no tensor comes as one bool
+    need = {k: list(f) if isinstance(f, (list, tuple)) else [f] * n for k, f in zip(_LISTS, ctx.needs_input_grad[:9])}
     x0 = streams[0]["x"]
     B, S_tot = x0.shape[0], sum(st["x"].shape[1] for st in streams)
     D = streams[0]["weight"].shape[0] // (3 * heads)
@@ -348,7 +375,8 @@ def _backward(ctx, dq, dk, dv, _dy_unused):
                        [..., : 2 * heads * D].to(x0.dtype) for st in streams], dim=1)
     need_dnorm = any(need["norm_q"]) or any(need["norm_k"])
     dy_all, dnorm = torch.ops.qwen_fused.joint_qkv_bwd(dq, dk, dv, y, lists[0], lists[1], lists[3], lists[4],
-                                                       lists[5], lists[6], heads, eps, need_dnorm)
+                                                       lists[5], lists[6], heads, eps, need_dnorm,
+                                                       ctx.kernels)
     grads = {k: [None] * n for k in _LISTS}
     m0 = 0
     for i, st in enumerate(streams):
@@ -368,9 +396,10 @@ def _backward(ctx, dq, dk, dv, _dy_unused):
                 grads["lora_a"][i] = ds.t() @ x2.to(ld)
             if dx is not None:
                 dx = dx + (ds @ a).to(dx.dtype)
-        elif a is not None:  # rank 0
-            grads["lora_a"][i] = torch.zeros_like(a) if need["lora_a"][i] else None
-            grads["lora_b"][i] = torch.zeros_like(lb) if need["lora_b"][i] else None
+        else:  # rank 0 (or the placeholder of an absent LoRA, which needs no grad)
+            for j, key in ((7, "lora_a"), (8, "lora_b")):
+                if need[key][i]:
+                    grads[key][i] = torch.zeros_like(lists[j][i])
         if dx is not None:
             grads["x"][i] = dx.view(Bs, S, C)
         if need["weight"][i]:  # never when the base weight is frozen (LoRA training)

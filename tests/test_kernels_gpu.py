@@ -1,0 +1,182 @@
+"""GPU-only checks of the Triton kernels at Qwen-Image width (C 3072, 24 heads x 128), bf16, edit-like shape.
+
+Contract (design.md section 1): the fused path is no further from a float64 reference than stock diffusers (+ peft
+for LoRA) is from the same reference; forward and backward. Stock = separate bf16 F.linear projections, LoRA as
+peft computes it (lora_B(lora_A(x)) * scale), diffusers' RMSNorm and apply_rotary_emb_qwen (complex path).
+"""
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.normalization import RMSNorm
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+from helpers import rel_err
+
+from qwen_fused.kernels import joint_qkv, set_backend
+
+pytestmark = [pytest.mark.gpu, pytest.mark.kernel]
+H, D, C = 24, 128, 3072
+EPS = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _backend():
+    set_backend(None)
+    yield
+    set_backend(None)
+
+
+def _streams(s_txt, s_img, rank, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+
+    streams = []
+    for S in (s_txt, s_img):
+        ang = torch.rand(S, D // 2, generator=g, device="cuda") * S / 7
+        st = dict(x=rnd(1, S, C), weight=rnd(3 * H * D, C, scale=C ** -0.5), bias=rnd(3 * H * D, scale=0.1),
+                  norm_q=(torch.rand(D, generator=g, device="cuda") + 0.5).to(dtype),
+                  norm_k=(torch.rand(D, generator=g, device="cuda") + 0.5).to(dtype),
+                  freqs=torch.polar(torch.ones_like(ang), ang), lora_scale=0.5)
+        if rank:
+            st["lora_a"] = rnd(rank, C, scale=C ** -0.5)
+            st["lora_b"] = rnd(3 * H * D, rank, scale=0.05)
+        streams.append(st)
+    return streams
+
+
+def _stock(st):
+    """Stock diffusers + peft on separate q/k/v projections (merged -> standard LoRA: A shared, B split)."""
+    x = st["x"]
+    outs = []
+    for i, norm_w in enumerate((st["norm_q"], st["norm_k"], None)):
+        rows = slice(i * H * D, (i + 1) * H * D)
+        t = F.linear(x, st["weight"][rows], st["bias"][rows])
+        if st.get("lora_a") is not None:
+            t = t + F.linear(F.linear(x, st["lora_a"]), st["lora_b"][rows]) * st["lora_scale"]
+        t = t.unflatten(-1, (H, D))
+        if norm_w is not None:
+            # diffusers' RMSNorm.forward on our weight tensor (a module would wrap it in a new leaf Parameter)
+            norm = types.SimpleNamespace(eps=EPS, weight=norm_w, bias=None)
+            t = apply_rotary_emb_qwen(RMSNorm.forward(norm, t), st["freqs"], use_real=False)
+        outs.append(t)
+    return outs
+
+
+def _ref(st):
+    x, w = st["x"].double(), st["weight"].double()
+    y = x @ w.T + st["bias"].double()
+    if st.get("lora_a") is not None:
+        y = y + st["lora_scale"] * (x @ st["lora_a"].double().T) @ st["lora_b"].double().T
+    q, k, v = y.unflatten(-1, (3, H, D)).unbind(2)
+    rot = st["freqs"].to(torch.complex128)[None, :, None, :]
+
+    def epi(t, nw):
+        t = t / torch.sqrt((t * t).mean(-1, keepdim=True) + EPS) * nw.double()
+        return torch.view_as_real(torch.view_as_complex(t.unflatten(-1, (-1, 2)).contiguous()) * rot).flatten(-2)
+
+    return [epi(q, st["norm_q"]), epi(k, st["norm_k"]), v]
+
+
+def _fused(streams):
+    args = []
+    for st in streams:
+        table = torch.view_as_real(st["freqs"].to(torch.complex64)).contiguous()  # [S, D//2, 2], the hook's
+        args.append({k: v for k, v in st.items() if k != "freqs"} | dict(cos=table[..., 0], sin=table[..., 1]))
+    return joint_qkv(*args, heads=H, eps=EPS)
+
+
+def _cat(per_stream):
+    return [torch.cat(parts, dim=1) for parts in zip(*per_stream)]
+
+
+def _compare(name, ours, stock, ref, max_slack, rms_slack):
+    om, orms = rel_err(ours, ref)
+    sm, srms = rel_err(stock, ref)
+    print(f"{name}: fused max {om:.3e} rms {orms:.3e} | stock max {sm:.3e} rms {srms:.3e}", file=sys.stderr)
+    assert torch.isfinite(ours).all(), name
+    assert om <= sm * max_slack and orms <= srms * rms_slack, (name, om, sm, orms, srms)
+
+
+@pytest.mark.parametrize("rank", [0, 64])
+@pytest.mark.parametrize("train", ["lora", "full"])
+def test_bf16_real_width_vs_stock(rank, train):
+    """Edit-like shape (S_img 4096 + S_txt 300): forward and backward no further from float64 than stock."""
+    if train == "lora" and not rank:
+        pytest.skip("LoRA training needs a LoRA")
+    set_backend("auto")
+    streams = _streams(300, 4096, rank)
+    trainable = ["x", "lora_a", "lora_b"] if train == "lora" else ["x", "weight", "bias", "norm_q", "norm_k",
+                                                                    "lora_a", "lora_b"]
+    leaves = []
+    for st in streams:
+        for k in trainable:
+            if st.get(k) is not None:
+                st[k].requires_grad_(True)
+                leaves.append((k, st[k]))
+    tensors = [t for _, t in leaves]
+    ours = _fused(streams)
+    stock = _cat([_stock(st) for st in streams])
+    ref = _cat([_ref(st) for st in streams])
+    for n, o, s, r in zip("qkv", ours, stock, ref):
+        # one rounding vs stock's several: never worse (5% slack on the max: the largest element's rounding)
+        _compare(n, o, s, r, 1.05, 1.0)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    gouts = [torch.randn(o.shape, generator=g, device="cuda").to(o.dtype) for o in ours]
+    g_ours = torch.autograd.grad(ours, tensors, gouts)
+    g_stock = torch.autograd.grad(stock, tensors, gouts)
+    g_ref = torch.autograd.grad(ref, tensors, [t.double() for t in gouts])
+    for (k, _), o, s, r in zip(leaves, g_ours, g_stock, g_ref):
+        # the backward GEMMs' final bf16 rounding dominates both: 10% slack
+        _compare(f"grad {k}", o, s, r, 1.1, 1.1)
+
+
+def test_auto_sends_unsupported_head_dim_to_torch_with_one_warning():
+    set_backend("auto")
+    x = torch.randn(1, 5, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(3 * 2 * 48, 64, device="cuda", dtype=torch.bfloat16)
+    from qwen_fused.kernels import fused_qkv, fused_qkv_torch
+
+    with pytest.warns(RuntimeWarning, match="head_dim 48"):
+        out = fused_qkv(x, w, heads=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused_qkv(x, w, heads=2)
+    for a, b in zip(out, fused_qkv_torch(x, w, heads=2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sequence_length_does_not_recompile():
+    """do_not_specialize on M/S/offsets: new sequence lengths reuse the compiled kernel."""
+    from qwen_fused.kernels import _triton_qkv as tq
+
+    set_backend("triton")
+    kernel = tq._qkv_fwd_kernel
+
+    def count():
+        caches = getattr(kernel, "device_caches", None) or getattr(kernel, "cache", None)
+        if caches is None:
+            pytest.skip("this triton version exposes no kernel cache")
+        return sum(len(v[0]) if isinstance(v, tuple) else len(v) for v in caches.values())
+
+    _fused(_streams(37, 301, 0, seed=3))
+    before = count()
+    for s_txt, s_img in ((5, 4096), (300, 1111), (1, 17)):
+        _fused(_streams(s_txt, s_img, 0, seed=4))
+    assert count() == before
+
+
+def test_first_call_at_new_shape_is_quick():
+    import time
+
+    set_backend("triton")
+    _fused(_streams(10, 64, 16, seed=5))  # warm (compile) this variant
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    _fused(_streams(333, 2049, 16, seed=6))
+    torch.cuda.synchronize()
+    assert time.perf_counter() - t < 5.0
