@@ -21,7 +21,7 @@ def add_parser(subparsers):
     p.add_argument("--level", type=_csv, help="op,block,model")
     p.add_argument("--mode", type=_csv, help="fwd,fwdbwd")
     p.add_argument("--blocks", type=int, default=4, help="blocks for the model level (default 4)")
-    p.add_argument("--out", default="bench-out", help="folder for this run's JSON, markdown and PNG")
+    p.add_argument("--out", default="out/bench", help="folder for this run's JSON, markdown and PNG (default out/bench)")
     p.add_argument("--results-dir", default=None, help="per-GPU results files (default: bench/results/)")
     p.add_argument("--no-save", action="store_true", help="do not append this run to the per-GPU results file")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")

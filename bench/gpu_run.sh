@@ -6,7 +6,9 @@
 #
 # usage: bench/gpu_run.sh OUTDIR
 # env:   QF_WHEELS (default: .whl/ in the repo root)   QF_SITE (default /tmp/qf_site)
-#        QF_SHIM=1 (skip the editable install, use the symlink shim)   QF_TEST_TIMEOUT (s, default 120)   QF_BENCH_TIMEOUT (s, default 200)   QF_BENCH_ARGS (default --quick)
+#        QWEN_FUSED_COMMIT: the commit to record where the copy has no git
+#        QF_SHIM=1: skip the editable install, use the symlink shim
+#        QF_TEST_TIMEOUT (s, default 120)   QF_BENCH_TIMEOUT (s, default 200)   QF_BENCH_ARGS (default --quick)
 set -uo pipefail
 
 OUT=${1:?usage: bench/gpu_run.sh OUTDIR}
@@ -39,7 +41,7 @@ step "the project"
 # (whose qwen_fused.kernels lives in kernels/ through setup.py's package_dir).
 cd /tmp || exit 1
 check() { python -c "import qwen_fused, qwen_fused.kernels, qwen_fused.bench.cli" 2>/dev/null; }
-if [ -n "${QF_SHIM:-}" ] || ! (python -m pip install -q --no-deps --no-build-isolation -e "$REPO" && check); then
+if [ -n "${QF_SHIM:-}" ] || ! (PIP_NO_INDEX=1 python -m pip install -q --no-deps --no-build-isolation --use-pep517 -e "$REPO" && check); then
     # no setuptools (or no write access): a shim package tree of symlinks with the package_dir mapping
     echo "editable install unavailable; using a symlink shim of the package_dir mapping"
     SHIM=$(mktemp -d /tmp/qf_shim.XXXX)
@@ -58,7 +60,7 @@ print("torch", torch.__version__, "| triton", triton.__version__, "| diffusers",
 EOF
 
 step "GPU and kernel tests"
-timeout "${QF_TEST_TIMEOUT:-120}" python -m pytest "$REPO/tests" -m "gpu or kernel" -x -q -p no:cacheprovider \
+timeout "${QF_TEST_TIMEOUT:-120}" python -m pytest "$REPO/tests" -m "gpu or kernel" -q -rfE --maxfail=15 -p no:cacheprovider \
     > "$OUT/gpu_tests.log" 2>&1
 echo "pytest exit $? (124 = timed out)"; tail -n 15 "$OUT/gpu_tests.log"
 

@@ -78,6 +78,8 @@ class Case:
         level, shape, b, mode, r, gc, n = m.groups()
         if mode == "fwdbwd" and not r:
             raise ValueError(f"case {name!r}: fwdbwd needs a LoRA rank, e.g. fwdbwd-r32")
+        if level == "op" and gc:
+            raise ValueError(f"case {name!r}: checkpointing applies to block and model levels")
         if mode == "fwd" and (r or gc):
             raise ValueError(f"case {name!r}: fwd is inference without LoRA or checkpointing")
         return cls(level, shape, int(b), mode, int(r or 0), bool(gc),
@@ -142,7 +144,7 @@ def use_backend_reset() -> None:
     setter = getattr(importlib.import_module("qwen_fused.kernels"), "set_backend", None)
     if setter is not None:
         try:
-            setter("auto")
+            setter(None)
         except Exception:  # noqa: BLE001 - nothing to restore to
             pass
 

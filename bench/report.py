@@ -30,6 +30,9 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -177,13 +180,18 @@ def chart(run, path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------- summary
 def summary(results_dir: Path = RESULTS_DIR, all_runs=False) -> str:
-    """Markdown for README: per GPU file, the latest run (or every run), with its date and commit."""
+    """Markdown for README: per GPU file, the latest run (or every run), with its date and commit.
+    `results_dir` may also hold single-run files written by `qwen-fused bench --out`."""
     files = sorted(Path(results_dir).glob("*.json"))
     if not files:
         return f"No results in {results_dir} yet: run `qwen-fused bench` on a GPU.\n"
     parts = []
     for f in files:
-        data = read_results(f)
+        raw = json.loads(f.read_text())
+        if isinstance(raw, dict) and "cases" in raw:  # one run's own file (--out), not a per-GPU results file
+            data = {"gpu": raw.get("gpu") or raw.get("device"), "runs": [raw]}
+        else:
+            data = read_results(f)
         runs = data["runs"] if all_runs else data["runs"][-1:]
         for run in runs:
             parts.append(f"### {data['gpu']}\n\n" + markdown(run))

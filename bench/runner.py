@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import os
 import importlib.metadata
 import platform
 import statistics
@@ -41,16 +42,41 @@ def _version(pkg):
 
 
 def git_commit():
+    """HEAD of the checkout this package runs from (`-dirty` with local edits); `QWEN_FUSED_COMMIT` overrides,
+    for copies without git (the offline GPU machines)."""
+    if os.environ.get("QWEN_FUSED_COMMIT"):
+        return os.environ["QWEN_FUSED_COMMIT"]
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if rev.returncode:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev.stdout.strip()[:12] + ("-dirty" if dirty else "")
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return rev.stdout.strip()[:12] + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    return _head_from_files(here) or "unknown"
+
+
+def _head_from_files(start: Path):
+    """Read .git/HEAD without git (a copied tree may carry .git but no git binary)."""
+    for d in (start, *start.parents):
+        head = d / ".git" / "HEAD"
+        if head.is_file():
+            ref = head.read_text().strip()
+            if not ref.startswith("ref: "):
+                return ref[:12]
+            name = ref[5:]
+            loose = d / ".git" / name
+            if loose.is_file():
+                return loose.read_text().strip()[:12]
+            packed = d / ".git" / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + name):
+                        return line.split()[0][:12]
+            return None
+    return None
 
 
 def device_info(device) -> dict:
@@ -202,7 +228,8 @@ def run_case(case: Case, providers: list[str], device, tiny=False, quick=False, 
         except Unavailable as e:
             entry.update(status="unavailable", reason=str(e))
         except Exception as e:  # noqa: BLE001 - one failing provider must not end the run
-            entry.update(status="error", reason=f"{type(e).__name__}: {str(e)[:400]}")
+            msg = " ".join(str(e).split())  # one line: it goes into tables
+            entry.update(status="error", reason=f"{type(e).__name__}: {msg[:300]}")
         if name == "stock":
             stock_errs = entry.get("errors")
         registry.use_backend_reset()

@@ -148,8 +148,8 @@ def _qkv_bwd_epilogue_kernel(DQ, DK, DV, Y, NQ, NK, COS, SIN, DY, DWP,
     dy_offs = (M_BASE + rm)[:, None] * (3 * HD) + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     omask = m_mask[:, None]
     dwp = DWP + (pid_m * tl.num_programs(1) + pid_n) * D
-    if section == 2:
-        g = tl.load(DV + offs, mask=omask, other=0.0)
+    if section == 2:  # fp32 like the other branches: Triton requires one type across if/else
+        g = tl.load(DV + offs, mask=omask, other=0.0).to(tl.float32)
     elif section == 0:
         g = _norm_rope_bwd(tl.load(DQ + offs, mask=omask, other=0.0).to(tl.float32), Y, NQ, COS, SIN, dwp, y_offs,
                            s_idx, m_mask, stride_cs, stride_cd, stride_ss, stride_sd, eps, D, BLOCK_M, BLOCK_N,

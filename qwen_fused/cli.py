@@ -8,6 +8,9 @@ import sys
 # subcommand -> module under qwen_fused that defines add_parser(subparsers) and sets `func` on its parser
 SUBCOMMANDS = {
     "check": "qwen_fused.check",
+    "convert": "qwen_fused.convert_cli",
+    "train": "qwen_fused.train",
+    "edit": "qwen_fused.edit",
     "bench": "qwen_fused.bench.cli",
 }
 

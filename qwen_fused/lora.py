@@ -349,18 +349,31 @@ def to_standard(modules: dict) -> dict:
             raise ValueError(f"{name}: merged LoRA B has {f.b.shape[0]} rows, not 3 equal q/k/v blocks")
         n = f.b.shape[0] // 3
         blocks = [f.b[i * n:(i + 1) * n] for i in range(3)]
-        nonzero = torch.stack([(blk != 0).any(0) for blk in blocks])  # [3, rank]: column j used by part i
-        trim = bool(nonzero.any()) and bool((nonzero.sum(0) <= 1).all())
+        cols = block_columns(f.b)
         prefix = f"{attn}." if attn else ""
         for i, std in enumerate(STREAMS[leaf]):
-            if not trim:
+            if cols is None:
                 out[prefix + std] = LoraFactors(f.a, blocks[i], f.alpha)
-            elif nonzero[i].any():
-                cols = nonzero[i].nonzero().flatten()
-                r = len(cols)
-                out[prefix + std] = LoraFactors(f.a[cols], blocks[i][:, cols],
+            elif len(cols[i]):
+                r = len(cols[i])
+                out[prefix + std] = LoraFactors(f.a[cols[i]], blocks[i][:, cols[i]],
                                                 None if f.alpha is None else f.scale * r)
     return out
+
+
+def block_columns(b):
+    """The rank columns of each q/k/v part when a merged B `[3n, R]` is block-diagonal, else None.
+
+    Block-diagonal: every column is nonzero in at most one row block. Columns nonzero in no block go to the
+    part(s) whose B is entirely zero (a part that never got a gradient, e.g. text queries of the last block),
+    so a stock q/k/v LoRA comes back with its own rank. An all-zero B (fresh init) is not block-diagonal.
+    """
+    n = b.shape[0] // 3
+    used = torch.stack([(b[i * n:(i + 1) * n] != 0).any(0) for i in range(3)])  # [3, R]
+    if not used.any() or bool((used.sum(0) > 1).any()):
+        return None
+    free = ~used.any(0)
+    return [(used[i] if used[i].any() else free).nonzero().flatten() for i in range(3)]
 
 
 def _convert(modules, to):
@@ -430,20 +443,25 @@ def _targets(model, modules):
             if lin is not None:
                 n = lin.out_features // 3
                 rows = slice(i * n, (i + 1) * n)
-        if lin is None:
+        parts = [_linear(model, f"{attn}.{s}") for s in STREAMS.get(leaf, ())]
+        if lin is None and parts and all(parts):  # a merged target on a stock model: q/k/v stacked
+            lin = parts[0]
+            out = sum(p.out_features for p in parts)
+        elif lin is None:
             missing.append(name)
             continue
-        out = len(range(lin.out_features)[rows])
+        else:
+            out = len(range(lin.out_features)[rows])
         if f.a.shape[1] != lin.in_features or f.b.shape[0] != out:
-            bad.append(f"{name}: LoRA A {tuple(f.a.shape)} / B {tuple(f.b.shape)} do not fit the module "
-                       f"(weight {tuple(lin.weight.shape)}, rows {out} x in {lin.in_features})")
+            where = "" if rows == slice(None) else f" (rows {rows.start}:{rows.stop} of the merged projection)"
+            bad.append(f"{name}: LoRA A {tuple(f.a.shape)} / B {tuple(f.b.shape)} need [out {f.b.shape[0]}, in "
+                       f"{f.a.shape[1]}] but the module is [out {out}, in {lin.in_features}]{where}")
             continue
         plan[name] = (lin, rows)
+    if missing and not plan:
+        raise ValueError(f"this LoRA was made for another model: none of its modules exist in this Qwen-Image "
+                         f"transformer ({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''})")
     if missing:
-        if not plan or any(f in n for n in missing for f in _FOREIGN):
-            raise ValueError(f"this LoRA was made for another model: none of its modules exist in this Qwen-Image "
-                             f"transformer ({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''})"
-                             if not plan else f"LoRA modules not in this transformer: {', '.join(missing)}")
         raise ValueError(f"{len(missing)} LoRA modules match no module of this transformer: {', '.join(missing)}")
     if bad:
         raise ValueError(f"{len(bad)} LoRA shapes do not fit this transformer (a LoRA for another model size?): "
@@ -467,6 +485,7 @@ def load_lora(transformer_or_pipeline, path_or_state_dict, adapter_name="default
                          f"or unload it first (transformer.delete_adapters({adapter_name!r}))")
     state_dict, metadata = read_lora(path_or_state_dict)
     parsed = parse_lora(state_dict, metadata, model)
+    _targets(model, parsed.modules)  # names and shapes as the file has them, before any conversion
     fused = is_fused(model)
     if fuse:
         modules = to_standard(parsed.modules) if not fused else parsed.modules
@@ -516,11 +535,13 @@ def _inject(model, modules, adapter_name, scale):
 def _keep_block_diagonal(layer, adapter_name):
     """A block-diagonal merged B (standard q/k/v LoRAs) keeps zero off-diagonal blocks while training."""
     b = layer.lora_B[adapter_name].weight
-    n = b.shape[0] // 3
-    used = torch.stack([(b[i * n:(i + 1) * n] != 0).any(0) for i in range(3)])
-    if not used.any() or not bool((used.sum(0) <= 1).all()) or used.all(0).any():
+    cols = block_columns(b.detach())
+    if cols is None:
         return
-    mask = used.repeat_interleave(n, dim=0).to(b.dtype)
+    n = b.shape[0] // 3
+    mask = torch.zeros(b.shape, dtype=torch.float32)
+    for i, c in enumerate(cols):
+        mask[i * n:(i + 1) * n, c.cpu()] = 1
     _register_mask(layer, adapter_name, mask)
 
 
@@ -686,7 +707,9 @@ def write_safetensors(tensors, path, metadata=None, overwrite=False):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        # own contiguous copies: split q/k/v parts share A and B storage, which save_file refuses
+        tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

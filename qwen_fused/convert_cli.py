@@ -1,0 +1,91 @@
+"""`qwen-fused convert`: LoRA files and full transformer checkpoints between standard and merged q/k/v layout."""
+from __future__ import annotations
+
+import collections
+import os
+import sys
+
+_LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", "lora_unet_")
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "convert", help="convert a LoRA or a transformer checkpoint between standard and merged QKV layout",
+        description="Convert a LoRA file (any layout: diffusers, kohya/ComfyUI, DiffSynth, ai-toolkit, Lightning) "
+                    "or a full transformer checkpoint (one .safetensors file, or a sharded folder / index.json) "
+                    "between the standard (to_q/to_k/to_v) and merged (to_qkv/add_qkv_proj) layout. "
+                    "Exact algebra; the kind of input and its layout are detected.")
+    p.add_argument("--input", required=True, help="LoRA .safetensors, checkpoint .safetensors, folder or index.json")
+    p.add_argument("--output", required=True, help="output file (or folder for a sharded checkpoint)")
+    p.add_argument("--direction", required=True, choices=["to_merged", "to_standard"])
+    p.add_argument("--format", choices=["diffusers", "kohya"], default=None,
+                   help="LoRA output layout (default diffusers; kohya for ComfyUI); LoRA files only")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=run)
+    return p
+
+
+def is_lora_file(path) -> bool:
+    """True when a .safetensors file holds LoRA tensors (by key names), False for a model checkpoint."""
+    from safetensors import safe_open
+
+    if os.path.isdir(path) or str(path).endswith(".index.json"):
+        return False
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    return any(m in k for k in keys for m in _LORA_MARKERS) or any(k.endswith(".alpha") for k in keys)
+
+
+def _ranks(modules):
+    counts = collections.Counter(f.rank for f in modules.values())
+    return ", ".join(f"rank {r} x{n}" for r, n in sorted(counts.items()))
+
+
+def convert_lora_file(input_path, output_path, direction, fmt=None, overwrite=False, out=print):
+    from .lora import _convert, parse_lora, read_lora, save_lora
+
+    if os.path.exists(output_path) and not overwrite:
+        raise FileExistsError(f"{output_path} exists; pass --overwrite to replace it")
+    state_dict, metadata = read_lora(input_path)
+    parsed = parse_lora(state_dict, metadata)
+    to = direction.removeprefix("to_")
+    converted = _convert(parsed.modules, to)
+    layout = fmt or "diffusers"
+    meta = save_lora(_with_alpha(parsed), output_path, layout=layout, to=to, overwrite=overwrite)
+    out(f"LoRA: {parsed.layout} layout, {parsed.form} q/k/v, {len(state_dict)} tensors, {len(parsed.modules)} "
+        f"modules ({_ranks(parsed.modules)})")
+    out(f"  -> {layout} layout, {meta['form']} q/k/v, {len(converted)} modules ({_ranks(converted)})")
+    out(f"wrote {output_path}")
+    return meta
+
+
+def _with_alpha(parsed):
+    """A plain state dict carrying each module's alpha (file metadata such as diffusers' LoraConfig resolved)."""
+    from .lora import _emit
+
+    return _emit(parsed.modules, "peft", with_alpha=True)
+
+
+def run(args) -> int:
+    from .checkpoint import convert_checkpoint
+
+    try:
+        if is_lora_file(args.input):
+            convert_lora_file(args.input, args.output, args.direction, args.format, args.overwrite)
+            return 0
+        if args.format is not None:
+            raise ValueError("--format applies to LoRA files; this input is a full transformer checkpoint")
+        s = convert_checkpoint(args.input, args.output, args.direction, overwrite=args.overwrite)
+        print(f"checkpoint ({s['kind']}, {s['files']} file{'s' if s['files'] > 1 else ''}): "
+              f"{'merged' if args.direction == 'to_merged' else 'split'} {s['groups']} q/k/v groups, "
+              f"{s['tensors_in']} tensors -> {s['tensors_out']}")
+        print(f"wrote {s['output']}")
+        return 0
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"qwen-fused convert: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,159 @@
+"""Benchmark runner on CPU: registry, verification before timing, per-GPU results files, reports."""
+import copy
+import json
+
+import pytest
+import torch
+
+from qwen_fused.bench import registry, report, runner
+from qwen_fused.bench.registry import PROVIDERS, Case, Provider
+from qwen_fused.cli import main as cli_main
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cpu_run():
+    cases = [Case.parse("op/train-512/b1/fwdbwd-r32"), Case.parse("block/train-512/b1/fwdbwd-r32")]
+    return runner.run(cases, ["stock", "ours-torch", "gemm"], CPU, tiny=True, quick=True)
+
+
+def test_case_names_round_trip_and_bad_names_are_named():
+    cases = registry.all_cases(blocks=3)
+    assert len({c.name for c in cases}) == len(cases)
+    for c in cases:
+        assert Case.parse(c.name) == c
+    assert [c.name for c in registry.select_cases(quick=True)] == registry.QUICK_CASES
+    assert {c.level for c in registry.select_cases(["*/edit-1024/b1/fwd*"], level=["block"])} == {"block"}
+    with pytest.raises(ValueError, match="SHAPE"):
+        Case.parse("op/edit-2048/b1/fwd")
+    with pytest.raises(ValueError, match="LoRA rank"):
+        Case.parse("block/edit-1024/b1/fwdbwd")
+    with pytest.raises(ValueError, match="matches no case"):
+        registry.select_cases(["nothing/*"])
+    with pytest.raises(ValueError, match="unknown provider"):
+        registry.select_providers(["stock", "fastest"])
+
+
+def test_canonical_grads_merge_stock_qkv_lora():
+    g = {f"b.attn.{n}.lora_{ab}.default.weight": torch.full((2, 3), float(i + 1))
+         for i, n in enumerate(("to_q", "to_k", "to_v")) for ab in "AB"}
+    g["b.attn.to_out.0.lora_A.default.weight"] = torch.ones(1)
+    out = registry.canonical_grads(g)
+    assert set(out) == {"b.attn.to_qkv.lora_A.default.weight", "b.attn.to_qkv.lora_B.default.weight",
+                        "b.attn.to_out.0.lora_A.default.weight"}
+    assert torch.equal(out["b.attn.to_qkv.lora_A.default.weight"], torch.full((2, 3), 6.0))  # A shared: summed
+    assert out["b.attn.to_qkv.lora_B.default.weight"].shape == (6, 3)  # B: stacked rows q, k, v
+    del g["b.attn.to_v.lora_B.default.weight"]
+    with pytest.raises(ValueError, match="incomplete"):
+        registry.canonical_grads(g)
+
+
+def test_cpu_run_verifies_then_times(cpu_run):
+    assert cpu_run["gpu"] is None and cpu_run["tiny"]
+    json.dumps(cpu_run)  # JSON-ready
+    for case in cpu_run["cases"]:
+        stock, ours = case["providers"]["stock"], case["providers"]["ours-torch"]
+        assert stock["status"] == "ok" and stock["vs_stock"] == 1.0
+        assert 0 < stock["max_err"] < 0.05  # bf16 against the float64 reference
+        assert ours["status"] == "ok", ours.get("reason")
+        assert set(ours["errors"]) == set(stock["errors"])
+        assert any(k.startswith("grad.") and "to_qkv.lora_B" in k for k in ours["errors"])  # LoRA grads checked
+        assert ours["ms"] > 0 and ours["p20"] <= ours["ms"] <= ours["p80"]
+        assert ours["vs_stock"] == pytest.approx(stock["ms"] / ours["ms"])
+    op = cpu_run["cases"][0]
+    assert op["providers"]["gemm"]["status"] == "ceiling" and op["providers"]["gemm"]["ms"] > 0
+    assert op["floor_ms"] > 0 and op["flops"] > 0
+    assert cpu_run["cases"][1]["providers"]["gemm"]["status"] == "unavailable"
+
+
+def _broken_ours(w):
+    impl = registry.build_ours(w, "torch")
+    step = impl.step
+
+    def wrong(inp):  # k off by 5%: a provider that is fast and wrong
+        q, k, v = step(inp)
+        return q, k * 1.05, v
+    return registry.Impl(step=wrong, collect=w._collect(wrong, registry._Params()), backend="torch")
+
+
+def test_wrong_provider_is_reported_not_timed(monkeypatch, tmp_path):
+    monkeypatch.setitem(PROVIDERS, "broken", Provider("broken", "deliberately wrong", _broken_ours))
+    rec = runner.run([Case.parse("op/train-512/b1/fwd")], ["stock", "broken", "ours-torch"], CPU, tiny=True,
+                     quick=True)
+    provs = rec["cases"][0]["providers"]
+    assert provs["broken"]["status"] == "wrong"
+    assert "out1" in provs["broken"]["reason"]
+    assert "ms" not in provs["broken"] and "vs_stock" not in provs["broken"]
+    assert provs["ours-torch"]["status"] == "ok"
+    assert "wrong" in report.markdown(rec)
+    # the CLI exits non-zero when a provider fails verification
+    rc = cli_main(["bench", "--cases", "op/train-512/b1/fwd", "--providers", "broken", "--out",
+                   str(tmp_path), "--device", "cpu"])
+    assert rc == 3
+
+
+def test_cli_writes_json_markdown_chart(tmp_path, capsys):
+    rc = cli_main(["bench", "--cases", "op/train-512/b1/fwd", "--providers", "ours-torch", "--out", str(tmp_path),
+                   "--device", "cpu", "--results-dir", str(tmp_path / "results")])
+    assert rc == 0
+    js, = tmp_path.glob("bench-*.json")
+    rec = json.loads(js.read_text())
+    assert [c["case"] for c in rec["cases"]] == ["op/train-512/b1/fwd"]
+    assert list(rec["cases"][0]["providers"]) == ["stock", "ours-torch"]
+    assert js.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| op/train-512/b1/fwd | ours-torch | ok |" in js.with_suffix(".md").read_text()
+    assert not (tmp_path / "results").exists()  # CPU runs never go into the per-GPU results
+    out = capsys.readouterr()
+    assert "GPU numbers need a GPU" in out.err
+
+
+def _gpu_record(cpu_run, gpu, stock_ms, ours_ms):
+    rec = copy.deepcopy(cpu_run)
+    rec.update(gpu=gpu, device=gpu, tiny=False)
+    for case in rec["cases"]:
+        case["providers"]["stock"]["ms"], case["providers"]["ours-torch"]["ms"] = stock_ms, ours_ms
+        for p in case["providers"].values():
+            p.pop("vs_stock", None)
+        runner._ratios(case)
+    return rec
+
+
+def test_results_files_keep_runs_and_gpus_apart(cpu_run, tmp_path):
+    h100 = _gpu_record(cpu_run, "NVIDIA H100 80GB HBM3", 2.0, 1.0)
+    h100b = _gpu_record(cpu_run, "NVIDIA H100 80GB HBM3", 3.0, 1.0)
+    h200 = _gpu_record(cpu_run, "NVIDIA H200", 4.0, 1.0)
+    p1 = report.append_run(h100, tmp_path)
+    assert report.append_run(h100b, tmp_path) == p1 and p1.name == "nvidia-h100-80gb-hbm3.json"
+    p2 = report.append_run(h200, tmp_path)
+    assert p2 != p1
+    data = report.read_results(p1)
+    assert data["gpu"] == "NVIDIA H100 80GB HBM3" and len(data["runs"]) == 2
+    assert [r["cases"][0]["providers"]["ours-torch"]["vs_stock"] for r in data["runs"]] == [2.0, 3.0]
+    assert len(report.read_results(p2)["runs"]) == 1
+
+    # a file named for one GPU but holding another's runs is refused, and left as it was
+    wrong = tmp_path / "nvidia-h200.json"
+    wrong.write_text(p1.read_text())
+    before = wrong.read_text()
+    with pytest.raises(ValueError, match="never mixed"):
+        report.append_run(h200, tmp_path)
+    assert wrong.read_text() == before
+    with pytest.raises(ValueError, match="CPU run"):
+        report.append_run(cpu_run, tmp_path)
+    (tmp_path / "nvidia-h100-80gb-hbm3.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        report.append_run(h100, tmp_path)
+
+
+def test_summary_tables_come_from_each_gpus_latest_run(cpu_run, tmp_path):
+    report.append_run(_gpu_record(cpu_run, "NVIDIA H100 80GB HBM3", 2.0, 1.0), tmp_path)
+    report.append_run(_gpu_record(cpu_run, "NVIDIA H100 80GB HBM3", 5.0, 1.0), tmp_path)
+    report.append_run(_gpu_record(cpu_run, "NVIDIA H200", 7.0, 1.0), tmp_path)
+    md = report.summary(tmp_path)
+    assert "### NVIDIA H100 80GB HBM3" in md and "### NVIDIA H200" in md
+    assert "5.00x" in md and "7.00x" in md and "2.00x" not in md
+    assert "2.00x" in report.summary(tmp_path, all_runs=True)
+    assert "No results" in report.summary(tmp_path / "empty")
+    assert cli_main(["bench", "--summary", "--results-dir", str(tmp_path)]) == 0
+    assert report.main([str(tmp_path)]) == 0
