@@ -28,7 +28,7 @@ def _norm_rope(acc, NW, COS, SIN, s_idx, m_mask, stride_cs, stride_cd, stride_ss
     HPT: tl.constexpr = BLOCK_N // D
     if NORM:
         a3 = tl.reshape(acc, (BLOCK_M, HPT, D))
-        rstd = tl.rsqrt(tl.sum(a3 * a3, axis=2) / D + eps)
+        rstd = tl.rsqrt(tl.sum(a3 * a3, axis=2) / D + tl.cast(eps, tl.float32))
         w = tl.load(NW + tl.arange(0, D)).to(tl.float32)
         acc = tl.reshape(a3 * rstd[:, :, None] * w[None, None, :], (BLOCK_M, BLOCK_N))
     if ROPE:
@@ -70,7 +70,8 @@ def _qkv_fwd_kernel(X, W, BIAS, SL, LB, NQ, NK, COS, SIN, Q, K, V, Y,
             s_t = tl.load(SL + rm[:, None] * R + rr[None, :], mask=m_mask[:, None] & (rr[None, :] < R), other=0.0)
             b_t = tl.load(LB + rn[None, :] * R + rr[:, None], mask=rr[:, None] < R, other=0.0)
             acc = tl.dot(s_t, b_t, acc, input_precision=LORA_PRECISION)
-        acc = acc * lora_scale
+        # torch.compile passes Python floats as fp64 scalars: keep the tile fp32 (dot needs an fp32 acc)
+        acc = acc * tl.cast(lora_scale, tl.float32)
     rk = tl.arange(0, BLOCK_K)
     for k0 in range(0, C, BLOCK_K):
         kk = k0 + rk
@@ -117,7 +118,7 @@ def _norm_rope_bwd(g, Y, NW, COS, SIN, DWP, y_offs, s_idx, m_mask, stride_cs, st
         g = tl.reshape(tl.join(ge * c + go * s, go * c - ge * s), (BLOCK_M, BLOCK_N))
     if NORM:
         y3 = tl.reshape(tl.load(Y + y_offs, mask=m_mask[:, None], other=0.0).to(tl.float32), (BLOCK_M, HPT, D))
-        rstd = tl.rsqrt(tl.sum(y3 * y3, axis=2) / D + eps)
+        rstd = tl.rsqrt(tl.sum(y3 * y3, axis=2) / D + tl.cast(eps, tl.float32))
         xh = y3 * rstd[:, :, None]
         g3 = tl.reshape(g, (BLOCK_M, HPT, D))
         if NEED_DW:

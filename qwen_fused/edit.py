@@ -38,3 +38,135 @@ def call_pipeline(pipe, *, area: int | None = None, condition_area: int | None =
 
     with torch.no_grad():
         return call(pipe, **kwargs)
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("edit", help="edit an image with Qwen-Image-Edit (fused attention by default)",
+                              description=__doc__)
+    p.add_argument("--model", help="diffusers folder or hub id of Qwen-Image-Edit, -2509 or -2511")
+    p.add_argument("--image", action="append", default=[], help="condition image; repeat for -2509/-2511")
+    p.add_argument("--prompt")
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="LoRA in any layout qwen_fused.load_lora reads; repeatable")
+    p.add_argument("--fuse_lora", action="store_true", help="merge the LoRAs into the base weights (faster)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--true_cfg_scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--area", type=int, default=None,
+                   help=f"pixel area condition images are resized to for the VAE (stock: {STOCK_AREA})")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--output", default=None, help="PNG path (default: edit.png; with --demo a temp file)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="stock diffusers attention")
+    p.add_argument("--demo", action="store_true", help="tiny random offline pipeline and a synthetic image")
+    p.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511"])
+    p.set_defaults(func=run)
+    return p
+
+
+def _check_args(args):
+    """Every input checked before any model is loaded."""
+    import os
+
+    from .data import open_rgb
+    from .train import parse_lora_spec
+
+    if not args.model:
+        raise ValueError("--model is required (or use --demo)")
+    if not args.image:
+        raise ValueError("at least one --image is required")
+    if not args.prompt or not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    images = [open_rgb(p, "--image") for p in args.image]
+    loras = [parse_lora_spec(s) for s in args.lora]
+    for path, _ in loras:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--lora {path} does not exist")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise FileExistsError(f"--output {args.output} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write --output {args.output}: {folder} is not a writable folder")
+    return images, loras
+
+
+def _demo(args):
+    import os
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from .tiny import save_tiny_pipeline
+
+    work = tempfile.mkdtemp(prefix="qwen-fused-edit-demo-")
+    args.model = args.model or os.path.join(work, "model")
+    if not os.path.exists(args.model):
+        save_tiny_pipeline(args.model, seed=args.seed, variant=args.demo_variant)
+    if not args.image:
+        path = os.path.join(work, "input.png")
+        Image.fromarray((np.random.RandomState(args.seed).rand(48, 64, 3) * 255).astype("uint8")).save(path)
+        args.image = [path] * (1 if args.demo_variant == "edit" else 2)
+    args.prompt = args.prompt or "make it red"
+    args.output = args.output or os.path.join(work, "edit.png")
+    args.steps = 4 if args.steps == 50 else args.steps
+    args.area = args.area or 64 * 64
+    args.height, args.width = args.height or 32, args.width or 32
+    print(f"demo: tiny model in {args.model}")
+
+
+def run(args) -> int:
+    import os
+    import sys
+
+    import torch
+
+    if args.demo:
+        _demo(args)
+    args.output = args.output or "edit.png"
+    try:
+        images, loras = _check_args(args)
+    except (ValueError, OSError) as e:
+        print(f"qwen-fused edit: error: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    from .train import edit_variant, load_pipeline
+
+    try:
+        pipe = load_pipeline(args.model, dtype=dtype)
+        variant = edit_variant(pipe)
+        if variant == "edit" and len(images) > 1:
+            raise ValueError("Qwen-Image-Edit takes one --image; -2509/-2511 take several")
+        if args.fuse:
+            from .fuse import fuse_qkv
+
+            fuse_qkv(pipe)
+        if loras:
+            from .lora import load_lora
+
+            names = []
+            for i, (path, scale) in enumerate(loras):
+                load_lora(pipe.transformer, path, adapter_name=f"lora{i}", scale=scale, fuse=args.fuse_lora)
+                names.append(f"lora{i}")
+    except (ValueError, OSError) as e:
+        print(f"qwen-fused edit: error: {e}", file=sys.stderr)
+        return 2
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=False)
+    out = call_pipeline(pipe, area=args.area, image=images[0] if variant == "edit" else images, prompt=args.prompt,
+                        negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
+                        num_inference_steps=args.steps, height=args.height, width=args.width,
+                        generator=torch.Generator(device="cpu").manual_seed(args.seed)).images[0]
+    tmp = f"{args.output}.tmp.png"
+    out.save(tmp)
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output} ({out.size[0]}x{out.size[1]}, {'fused' if args.fuse else 'stock'} attention)")
+    return 0

@@ -1,0 +1,580 @@
+"""Training: the loss and LoRA gradients of a fused model equal stock diffusers + peft; end-to-end runs of
+`qwen-fused train` (CSV, JSON with two edit images, resume, cache, fp8 base, --lora_fused, DDP) and bad input."""
+import copy
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qwen_fused
+from qwen_fused import data as D
+from qwen_fused import train as T
+from qwen_fused.fuse import STREAMS
+from qwen_fused.tiny import save_tiny_pipeline, tiny_transformer
+
+TARGETS = T.lora_targets(T.DEFAULT_TARGETS)
+NON_QKV = [t for t in TARGETS if t not in STREAMS]
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    scale = b.abs().max().clamp_min(1e-30)
+    return ((a - b).abs().max() / scale).item(), ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def assert_close(a, b, what, tol=1e-5):
+    err_max, err_rms = rel(a, b)
+    assert err_max < tol and err_rms < tol, f"{what}: rel err max {err_max:.2e} rms {err_rms:.2e}"
+    return err_max
+
+
+def synthetic_batch(seed=0, batch=2, edits=((6, 8),), target=(8, 6), txt=7, masked=True):
+    g = torch.Generator().manual_seed(seed)
+    b = {"target": torch.randn(batch, 4, 1, *target, generator=g),
+         "edits": [torch.randn(batch, 4, 1, *e, generator=g) for e in edits],
+         "prompt_embeds": torch.randn(batch, txt, 16, generator=g), "prompt_embeds_mask": None}
+    if masked:
+        mask = torch.ones(batch, txt, dtype=torch.long)
+        mask[-1, txt // 2:] = 0
+        b["prompt_embeds_mask"] = mask
+    return b
+
+
+def paired_models(zero_cond_t=False, targets=TARGETS, seed=0):
+    """A stock transformer with peft LoRA and a fused copy whose merged LoRA is the same model:
+    merged A = the shared A of q, k, v; merged B = cat(B_q, B_k, B_v). Random B so every gradient is non-zero."""
+    stock = tiny_transformer(seed, zero_cond_t=zero_cond_t)
+    fused = copy.deepcopy(stock)
+    qwen_fused.fuse_qkv(fused)
+    for m in (stock, fused):
+        m.requires_grad_(False)
+    T.add_training_lora(fused, 4, 8.0, targets)
+    T.add_training_lora(stock, 4, 8.0, T.stock_targets(targets))
+    g = torch.Generator().manual_seed(seed + 1)
+    fsd = T.lora_state(fused)
+    fsd = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in fsd.items()}
+    T.set_lora_state(fused, fsd)
+    T.set_lora_state(stock, to_stock_state(fsd))
+    return stock, fused
+
+
+def to_stock_state(fsd):
+    out = {}
+    for k, v in fsd.items():
+        module, leaf = k.split(".lora_")
+        parent, name = module.rsplit(".", 1)
+        if name not in STREAMS:
+            out[k] = v
+            continue
+        for i, part in enumerate(STREAMS[name]):
+            key = f"{parent}.{part}.lora_{leaf}"
+            out[key] = v if leaf.startswith("A") else v.chunk(3, dim=0)[i]
+    return out
+
+
+def grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fused_grad_from_stock(sg, fused_name):
+    """The merged LoRA's gradient implied by the stock one: dA = sum of the parts' dA, dB = cat of dB."""
+    module, leaf = fused_name.split(".lora_")
+    parent, name = module.rsplit(".", 1)
+    if name not in STREAMS:
+        return sg[fused_name]
+    parts = [sg[f"{parent}.{p}.lora_{leaf}"] for p in STREAMS[name]]
+    return sum(parts) if leaf.startswith("A") else torch.cat(parts)
+
+
+@pytest.mark.parametrize("zero_cond_t,edits", [(False, ((6, 8),)), (True, ((6, 8), (4, 4)))],
+                         ids=["edit-1img", "2511-2img"])
+def test_step_matches_stock(zero_cond_t, edits):
+    stock, fused = paired_models(zero_cond_t)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler(), weighting_scheme="cosmap")
+    batch = synthetic_batch(edits=edits)
+    torch.manual_seed(5)
+    loss_f, d = flow.loss(fused, batch)
+    loss_s, _ = flow.loss(stock, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
+    loss_f.backward()
+    loss_s.backward()
+    print(f"loss fused {loss_f.item():.6f} stock {loss_s.item():.6f}")
+    assert_close(loss_f.detach(), loss_s.detach(), "loss")
+    sg, fg = grads(stock), grads(fused)
+    assert len(fg) == 2 * (len(TARGETS) * 2 - 2)  # A and B per target per block, less the last block's text out
+    worst = 0.0
+    for name, g in fg.items():
+        assert g is not None and g.abs().max() > 0, name
+        worst = max(worst, assert_close(g, fused_grad_from_stock(sg, name), name))
+    print(f"worst LoRA grad rel err {worst:.2e}")
+
+
+def test_gradient_checkpointing_same_step():
+    _, fused = paired_models(zero_cond_t=True)
+    ckpt = copy.deepcopy(fused)
+    ckpt.enable_gradient_checkpointing()
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    batch = synthetic_batch(edits=((6, 8), (4, 4)))
+    torch.manual_seed(2)
+    la, d = flow.loss(fused, batch)
+    lb, _ = flow.loss(ckpt, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
+    la.backward()
+    lb.backward()
+    assert_close(lb.detach(), la.detach(), "loss")
+    ga, gb = grads(fused), grads(ckpt)
+    for name in ga:
+        assert_close(gb[name], ga[name], name)
+
+
+def test_steps_match_stock_without_qkv_lora():
+    """Several AdamW steps: same losses (LoRA on the other targets, q/k/v through the fused processor)."""
+    stock, fused = paired_models(targets=NON_QKV)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (fused, stock)]
+    for step in range(4):
+        batch = synthetic_batch(seed=step)
+        lf, d = flow.loss(fused, batch)
+        ls, _ = flow.loss(stock, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
+        for loss, opt in zip((lf, ls), opts):
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert_close(lf.detach(), ls.detach(), f"loss at step {step}")
+
+
+def test_loss_decreases_on_fixed_batch():
+    _, fused = paired_models()
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    opt = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=3e-3)
+    batch = synthetic_batch()
+    torch.manual_seed(0)
+    _, d = flow.loss(fused, batch)
+    losses = []
+    for _ in range(8):
+        loss, _ = flow.loss(fused, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    print("losses", [round(x, 4) for x in losses])
+    assert all(map(lambda x: torch.isfinite(torch.tensor(x)), losses))
+    assert losses[-1] < 0.9 * losses[0] and losses[-1] < losses[-2]
+
+
+def test_fp8_base_matches_stock_layerwise_casting():
+    """fp8 storage: the fused processor gets the same upcast weights as stock diffusers' layerwise casting."""
+    stock = tiny_transformer(0)
+    fused = copy.deepcopy(stock)
+    qwen_fused.fuse_qkv(fused)
+    reference = copy.deepcopy(stock)
+    for m in (stock, fused):
+        m.requires_grad_(False)
+    T.add_training_lora(fused, 4, 4, TARGETS)
+    T.add_training_lora(stock, 4, 4, T.stock_targets(TARGETS))
+    stock.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    T.enable_fp8_base(fused, torch.float32)
+    assert fused.transformer_blocks[0].attn.to_qkv.base_layer.weight.dtype == torch.float8_e4m3fn
+    batch = synthetic_batch()
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    torch.manual_seed(1)
+    lf, d = flow.loss(fused, batch)
+    ls, _ = flow.loss(stock, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
+    lr, _ = flow.loss(reference, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
+    err = assert_close(lf.detach(), ls.detach(), "fp8 loss fused vs stock")
+    print(f"fp8 loss rel err {err:.2e}; fp8 vs full precision {rel(lf.detach(), lr.detach())[0]:.2e}")
+    assert rel(lf.detach(), lr.detach())[0] > 1e-4  # the fp8 storage really took effect
+    lf.backward()
+    assert fused.transformer_blocks[0].attn.to_qkv.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert fused.transformer_blocks[0].attn.to_qkv.lora_B["default"].weight.grad.abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# end-to-end runs on the tiny pipeline
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for variant in ("edit", "2511"):
+        paths[variant] = str(root / variant)
+        save_tiny_pipeline(paths[variant], seed=0, variant=variant)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def csv_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("csvdata")
+    return str(folder), T.make_demo_dataset(str(folder), n=2, edits=1)
+
+
+@pytest.fixture(scope="module")
+def json_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jsondata")
+    return str(folder), T.make_demo_dataset(str(folder), n=2, edits=2)
+
+
+def run_train(model, data, out, *extra):
+    argv = ["--pretrained_model_name_or_path", model, "--dataset_base_path", data[0], "--dataset_metadata_path",
+            data[1], "--output_dir", str(out), "--max_pixels", "4096", "--lora_rank", "4", "--max_train_steps", "4",
+            "--save_steps", "2", "--learning_rate", "1e-3", *extra]
+    return T.main(argv)
+
+
+def _trained_output(path_merged, path_standard, model_path):
+    """Model output with the saved merged LoRA on the fused model, and with the standard one on stock diffusers."""
+    from diffusers import QwenImageTransformer2DModel
+
+    base = QwenImageTransformer2DModel.from_pretrained(model_path, subfolder="transformer")
+    fused = copy.deepcopy(base)
+    qwen_fused.fuse_qkv(fused)
+    qwen_fused.load_lora(fused, path_merged)
+    sd = load_file(path_standard)
+    assert any(".to_q." in k for k in sd) and not any("to_qkv" in k for k in sd)
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model_path)  # stock diffusers, no qwen_fused involved
+    pipe.load_lora_weights(str(path_standard))
+    return fused, pipe.transformer, base
+
+
+def test_train_csv_end_to_end(tiny_models, csv_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    image = os.path.join(csv_data[0], "images", "0_edit0.png")
+    assert run_train(tiny_models["edit"], csv_data, out, "--lora_alpha", "8",  # scale 2: alpha must travel
+                     "--report_to", "tensorboard", "--validation_image", image, "--validation_prompt", "redder",
+                     "--validation_steps", "4", "--validation_inference_steps", "1") == 0
+    assert os.path.isfile(out / "validation" / "step-4.png")
+    assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(out / "logs") for f in fs)
+    files = sorted(os.listdir(out))
+    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-final"):
+        assert f"{name}.safetensors" in files and f"{name}-standard.safetensors" in files
+    assert os.path.isfile(out / "state" / "checkpoint-4" / "lora.safetensors")
+    assert "run.json" in files
+    # saved LoRAs (merged on fused, standard on stock diffusers) reproduce the trained model
+    fused, stock, base = _trained_output(out / "checkpoint-final.safetensors",
+                                         out / "checkpoint-final-standard.safetensors", tiny_models["edit"])
+    trained = copy.deepcopy(base)
+    qwen_fused.fuse_qkv(trained)
+    T.add_training_lora(trained, 4, 8.0, TARGETS)
+    T.set_lora_state(trained, load_file(out / "state" / "checkpoint-4" / "lora.safetensors"))
+    batch = synthetic_batch()
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        lt, d = flow.loss(trained, batch)
+        kw = dict(noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
+        lb = flow.loss(base, batch, **kw)[0]
+        for name, m in (("merged file on fused", fused), ("standard file on stock", stock)):
+            assert_close(flow.loss(m, batch, **kw)[0], lt, name)
+    assert rel(lt, lb)[0] > 1e-6  # training changed the model
+
+
+def test_train_json_two_edit_images_2511_cache(tiny_models, json_data, tmp_path, capsys):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    assert run_train(tiny_models["2511"], json_data, out, "--cache", str(cache), "--train_batch_size", "2",
+                     "--gradient_accumulation_steps", "2", "--use_gradient_checkpointing") == 0
+    assert "0 samples reused, 2 encoded" in capsys.readouterr().out
+    sample = load_file(next(cache.iterdir()))
+    assert {"prompt_embeds", "target", "edit.0", "edit.1"} <= set(sample)
+    assert run_train(tiny_models["2511"], json_data, tmp_path / "run2", "--cache", str(cache)) == 0
+    assert "2 samples reused, 0 encoded" in capsys.readouterr().out
+    # a changed image is encoded again
+    img = os.path.join(json_data[0], "images", "0_target.png")
+    from PIL import Image
+
+    Image.open(img).transpose(Image.FLIP_LEFT_RIGHT).save(img)
+    assert run_train(tiny_models["2511"], json_data, tmp_path / "run3", "--cache", str(cache)) == 0
+    assert "1 samples reused, 1 encoded" in capsys.readouterr().out
+
+
+def test_resume_matches_uninterrupted(tiny_models, csv_data, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run_train(tiny_models["edit"], csv_data, full, "--max_train_steps", "4", "--save_steps", "2") == 0
+    assert run_train(tiny_models["edit"], csv_data, part, "--max_train_steps", "2", "--save_steps", "2") == 0
+    assert run_train(tiny_models["edit"], csv_data, part, "--max_train_steps", "4", "--save_steps", "2",
+                     "--resume_from_checkpoint", "latest") == 0
+    a, b = load_file(full / "checkpoint-final.safetensors"), load_file(part / "checkpoint-final.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_close(b[k], a[k], k, tol=1e-6)
+    # and it did train past the resume point
+    c = load_file(part / "checkpoint-2.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_sigterm_saves_resumable_state(tiny_models, csv_data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    loss = T.FlowMatching.loss
+
+    def loss_then_term(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(self, *a, **k)
+
+    monkeypatch.setattr(T.FlowMatching, "loss", loss_then_term)
+    out = tmp_path / "run"
+    assert run_train(tiny_models["edit"], csv_data, out, "--max_train_steps", "50", "--save_steps", "100") == 143
+    assert os.path.isfile(out / "state" / "checkpoint-3" / "train_state.json")
+    assert not os.path.exists(out / "checkpoint-final.safetensors")
+    monkeypatch.setattr(T.FlowMatching, "loss", loss)
+    assert run_train(tiny_models["edit"], csv_data, out, "--max_train_steps", "4", "--save_steps", "100",
+                     "--resume_from_checkpoint", "latest") == 0
+    assert os.path.isfile(out / "checkpoint-final.safetensors")
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_models, csv_data, tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    loss = T.FlowMatching.loss
+
+    def nan_at_3(self, *a, **k):
+        calls["n"] += 1
+        value, d = loss(self, *a, **k)
+        return (value * float("nan") if calls["n"] == 3 else value), d
+
+    monkeypatch.setattr(T.FlowMatching, "loss", nan_at_3)
+    out = tmp_path / "run"
+    assert run_train(tiny_models["edit"], csv_data, out) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step 3" in err and "checkpoint-2" in err
+    assert os.path.isfile(out / "checkpoint-2.safetensors")
+    assert os.path.isfile(out / "state" / "checkpoint-2" / "lora.safetensors")
+    assert not os.path.exists(out / "checkpoint-final.safetensors")
+
+
+def test_lora_fused_applies_every_part(tiny_models, tmp_path):
+    """A Lightning-style LoRA (lora_down/up/alpha, standard q/k/v names) fused into the merged base before
+    training: the fused model equals stock diffusers + that LoRA."""
+    from diffusers import QwenImageTransformer2DModel
+
+    base = QwenImageTransformer2DModel.from_pretrained(tiny_models["edit"], subfolder="transformer")
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for name, mod in base.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if name.startswith("transformer_blocks.") and isinstance(mod, torch.nn.Linear) and (
+                leaf in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+                or name.endswith(("to_out.0", "img_mlp.net.2", "txt_mod.1"))):
+            sd[f"{name}.lora_down.weight"] = torch.randn(2, mod.in_features, generator=g) * 0.3
+            sd[f"{name}.lora_up.weight"] = torch.randn(mod.out_features, 2, generator=g) * 0.3
+            sd[f"{name}.alpha"] = torch.tensor(1.0)
+    path = str(tmp_path / "lightning.safetensors")
+    save_file(sd, path)
+    args = T.add_arguments(__import__("argparse").ArgumentParser()).parse_args(["--lora_rank", "2"])
+    from qwen_fused.train import load_pipeline
+
+    pipe = load_pipeline(tiny_models["edit"])
+    model = T.prepare_transformer(pipe, args, TARGETS, [(path, 0.7)])
+    # the stock reference: diffusers' own loader for the same file (kohya-like keys -> peft), scale 0.7
+    stock = copy.deepcopy(base)
+    peft_sd = {k.replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v for k, v in sd.items()
+               if not k.endswith("alpha")}
+    stock.load_lora_adapter(peft_sd, prefix=None, adapter_name="light",
+                            metadata={"r": 2, "lora_alpha": 1.0, "target_modules": sorted({k.rsplit(".lora", 1)[0] for k in peft_sd})})
+    stock.set_adapters(["light"], [0.7])
+    batch = synthetic_batch()
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        lm, d = flow.loss(model, batch)  # the fresh training LoRA has B = 0: the model is base + Lightning
+        kw = dict(noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
+        ls = flow.loss(stock, batch, **kw)[0]
+        lb = flow.loss(base, batch, **kw)[0]
+    err = assert_close(lm, ls, "fused Lightning vs stock + Lightning")
+    print(f"--lora_fused loss rel err {err:.2e}; effect of the LoRA {rel(lm, lb)[0]:.2e}")
+    assert rel(lm, lb)[0] > 1e-4
+    blk = model.transformer_blocks[0].attn.to_qkv.base_layer.weight
+    assert not torch.equal(blk[32:64], torch.cat([base.transformer_blocks[0].attn.to_k.weight]))  # k slice changed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input: a clear message before any compute
+
+def _meta(folder, rows, name="meta.csv", columns=("image", "edit_image", "prompt")):
+    path = os.path.join(folder, name)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing_column", "missing column(s) prompt"),
+    ("empty_prompt", "empty prompt"),
+    ("missing_image", "does not exist"),
+    ("unreadable_image", "cannot read image"),
+    ("no_base", "does not exist or is not a folder"),
+    ("no_meta", "metadata file"),
+    ("bad_json", "cannot read metadata"),
+    ("other_run", "holds another run"),
+    ("bad_lora", "--lora_fused"),
+])
+def test_bad_input(case, needle, tiny_models, csv_data, tmp_path, capsys):
+    base, meta = csv_data
+    out = tmp_path / "out"
+    extra = []
+    rows = [{"image": "images/0_target.png", "edit_image": "images/0_edit0.png", "prompt": "x"}]
+    if case == "missing_column":
+        meta = _meta(base, [{"image": r["image"], "edit_image": r["edit_image"]} for r in rows], "m1.csv",
+                     ("image", "edit_image"))
+    elif case == "empty_prompt":
+        meta = _meta(base, [dict(rows[0], prompt="  ")], "m2.csv")
+    elif case == "missing_image":
+        meta = _meta(base, [dict(rows[0], edit_image="images/nope.png")], "m3.csv")
+    elif case == "unreadable_image":
+        with open(os.path.join(base, "images", "broken.png"), "w") as f:
+            f.write("not a png")
+        meta = _meta(base, [dict(rows[0], image="images/broken.png")], "m4.csv")
+    elif case == "no_base":
+        base = str(tmp_path / "nowhere")
+    elif case == "no_meta":
+        meta = str(tmp_path / "nothing.csv")
+    elif case == "bad_json":
+        meta = os.path.join(base, "bad.json")
+        with open(meta, "w") as f:
+            f.write("{not json")
+    elif case == "other_run":
+        out.mkdir()
+        (out / "run.json").write_text("{}")
+    elif case == "bad_lora":
+        extra = ["--lora_fused", str(tmp_path / "missing.safetensors:0.5")]
+    code = run_train(tiny_models["edit"], (base, meta), out, *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert not os.path.exists(out / "state")
+
+
+def test_lora_that_does_not_fit(tiny_models, csv_data, tmp_path, capsys):
+    bad = str(tmp_path / "big.safetensors")
+    save_file({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 99),
+               "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(48, 2)}, bad)
+    assert run_train(tiny_models["edit"], csv_data, tmp_path / "out", "--lora_fused", bad) == 2
+    assert "do not fit" in capsys.readouterr().err
+
+
+def test_fit_size_and_buckets():
+    assert D.fit_size(4000, 3000, 1048576) == (1152, 864)
+    w, h = D.fit_size(4000, 3000, 1048576)
+    assert w * h <= 1048576 and w % 32 == 0 and h % 32 == 0
+    assert D.fit_size(100, 50, 1048576) == (96, 32)  # never upscaled
+    assert D.area_size(1024, 1024, 384 * 384) == (384, 384)
+
+
+def test_metadata_json_and_jsonl(json_data, tmp_path):
+    base, meta = json_data
+    recs = D.read_metadata(base, meta)
+    assert len(recs) == 2 and all(len(r.edit_images) == 2 for r in recs)
+    jl = tmp_path / "m.jsonl"
+    rows = json.load(open(meta))
+    jl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert [r.image for r in D.read_metadata(base, jl)] == [r.image for r in recs]
+    rows[1]["edit_image"] = rows[1]["edit_image"][:1]
+    (tmp_path / "mixed.json").write_text(json.dumps(rows))
+    with pytest.raises(D.DataError, match="different numbers of edit images"):
+        D.read_metadata(base, tmp_path / "mixed.json")
+
+
+def test_bucketing_groups_sizes():
+    items = [{"i": i} for i in range(7)]
+    buckets = [(64, 32), (32, 32), (64, 32), (32, 32), (64, 32), (96, 32), (64, 32)]
+    ds = D.EncodedDataset(items, buckets, repeat=2)
+    sampler = D.BucketBatchSampler(ds, 3, seed=0)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(14))
+    for b in batches:
+        assert len({ds.bucket(i) for i in b}) == 1 and len(b) <= 3
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+
+def test_demo_cli(tmp_path):
+    from qwen_fused.cli import main
+
+    assert main(["train", "--demo", "--output_dir", str(tmp_path / "demo"), "--max_train_steps", "3"]) == 0
+    assert os.path.isfile(tmp_path / "demo" / "checkpoint-final.safetensors")
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    """DDP with 2 CPU processes (gloo). `accelerate launch --cpu` starts a single process without MPI, so the
+    processes come from torchrun; accelerate picks MULTI_CPU from its environment."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "qwen_fused.train", "--demo", "--output_dir", str(out), "--max_train_steps", "3", "--save_steps", "2"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, ACCELERATE_USE_CPU="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert os.path.isfile(out / "checkpoint-final.safetensors")
+    assert sorted(f for f in os.listdir(out / "state" / "checkpoint-2") if f.startswith("random_states")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert res.stdout.count("demo: tiny model") == 1
+
+
+FSDP2_SCRIPT = """
+import copy, sys, torch, torch.distributed as dist, qwen_fused
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from diffusers import FlowMatchEulerDiscreteScheduler
+sys.path.insert(0, sys.argv[1])
+from test_train import TARGETS, T, rel, synthetic_batch, tiny_transformer
+dist.init_process_group("gloo")
+m = tiny_transformer(0); qwen_fused.fuse_qkv(m); m.requires_grad_(False)
+T.add_training_lora(m, 4, 4, TARGETS)
+torch.manual_seed(0)
+for n, p in m.named_parameters():
+    if "lora_B" in n: p.data.normal_(0, 0.1)
+ref = copy.deepcopy(m)
+for block in m.transformer_blocks: fully_shard(block)
+fully_shard(m)
+w = m.transformer_blocks[0].attn.to_qkv.base_layer.weight
+assert w.to_local().shape[0] == w.shape[0] // 2, w.to_local().shape
+flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+batch = synthetic_batch()
+torch.manual_seed(1)
+loss, d = flow.loss(m, batch); loss.backward()
+loss_ref = flow.loss(ref, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])[0]; loss_ref.backward()
+assert rel(loss.detach(), loss_ref.detach())[0] < 1e-6
+for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
+    if p.requires_grad and q.grad is not None:
+        assert rel(p.grad.full_tensor(), q.grad)[0] < 1e-5, n
+lora = T.lora_state(m, with_alpha=True)  # gathers the shards on every process
+assert all(torch.equal(lora[k], v) for k, v in T.lora_state(ref, with_alpha=True).items())
+sd = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if dist.get_rank() == 0:
+    assert torch.equal(sd["transformer_blocks.0.attn.to_qkv.base_layer.weight"],
+                       ref.transformer_blocks[0].attn.to_qkv.base_layer.weight)
+    print("FSDP2 OK")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_fused_blocks(tmp_path):
+    """torch FSDP2 (`fully_shard` per block, as qwen_fused/fsdp_config.yaml asks accelerate for), 2 CPU processes:
+    the merged projections shard by rows; loss, every LoRA gradient and the gathered LoRA / full state dict equal
+    the unsharded model."""
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           str(script), os.path.dirname(__file__)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "FSDP2 OK" in res.stdout, res.stderr[-3000:]
