@@ -4,8 +4,21 @@ Installed as `qwen_fused.kernels`; never imported as a top-level `kernels` modul
 (`QWEN_FUSED_BACKEND` = auto | triton | torch, or `set_backend`) picks the Triton kernels or the torch path;
 see `backend.py`.
 """
-from .backend import BackendError, get_backend, set_backend
-from .fused_qkv import fused_qkv, fused_qkv_torch, joint_qkv, rope_tables
+if __name__ == "qwen_fused.kernels":
+    from .backend import BackendError, get_backend, set_backend
+    from .fused_qkv import fused_qkv, fused_qkv_torch, joint_qkv, qkv_epilogue, rope_tables
+else:
+    # Imported as a top-level `kernels`: the repo root is on sys.path (`python -m pytest` run there) and
+    # transformers imports `kernels` to probe for Hugging Face's package. Importing our modules a second time
+    # would register the torch ops twice (the second copy wins, with its own backend setting), so hand back
+    # the installed package, or stay an empty module when it is not installed.
+    import importlib as _importlib
+    import sys as _sys
 
-__all__ = ["fused_qkv", "fused_qkv_torch", "joint_qkv", "rope_tables", "set_backend", "get_backend",
+    try:
+        _sys.modules[__name__] = _importlib.import_module("qwen_fused.kernels")
+    except ImportError:
+        pass
+
+__all__ = ["fused_qkv", "fused_qkv_torch", "joint_qkv", "qkv_epilogue", "rope_tables", "set_backend", "get_backend",
            "BackendError"]

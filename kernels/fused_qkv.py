@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .backend import use_triton
 
-__all__ = ["fused_qkv", "joint_qkv", "rope_tables", "fused_qkv_torch", "check_inputs"]
+__all__ = ["fused_qkv", "joint_qkv", "rope_tables", "fused_qkv_torch", "qkv_epilogue", "check_inputs"]
 STREAM_KEYS = ("x", "weight", "bias", "norm_q", "norm_k", "cos", "sin", "lora_a", "lora_b", "lora_scale")
 _LISTS = STREAM_KEYS[:-1]  # tensor arguments of the op, one list each
 
@@ -138,6 +138,18 @@ def fused_qkv_torch(x, weight, bias=None, *, heads, norm_q=None, norm_k=None, co
     q = _rms_rope(q.to(acc), norm_q, cos, sin, eps).to(x.dtype)
     k = _rms_rope(k.to(acc), norm_k, cos, sin, eps).to(x.dtype)
     return q, k, v.to(x.dtype)
+
+
+def qkv_epilogue(y, *, heads, norm_q=None, norm_k=None, cos=None, sin=None, eps=1e-6):
+    """The epilogue alone, for a projection computed elsewhere (e.g. a peft layer with dropout or DoRA):
+    `y [B, S, 3 * heads * D]` -> q, k, v `[B, S, heads, D]` in y.dtype, fp32 QK RMSNorm + RoPE as `fused_qkv`."""
+    B, S, N = y.shape
+    if N % (3 * heads):
+        raise ValueError(f"qkv_epilogue: y has {N} features, not 3 * heads * D for heads={heads}")
+    q, k, v = y.view(B, S, 3, heads, N // (3 * heads)).unbind(2)
+    acc = _acc_dtype(y.dtype)
+    return (_rms_rope(q.to(acc), norm_q, cos, sin, eps).to(y.dtype),
+            _rms_rope(k.to(acc), norm_k, cos, sin, eps).to(y.dtype), v)
 
 
 # ----------------------------------------------------------------------------------------------------------

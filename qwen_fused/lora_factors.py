@@ -12,9 +12,10 @@ def linear_lora_factors(proj: nn.Module):
     parts (None). A peft `lora.Linear` over a Linear matches peft's forward: adapters disabled or merged -> the
     base layer alone; otherwise its active adapters, several of them as one (A concatenated, B scaled by each
     adapter's scale and concatenated, scale 1). None (the caller then runs `proj(x)` itself) for anything
-    this cannot express exactly: dropout > 0, DoRA or other LoRA variants, LoRA bias, fan_in_fan_out, LoRA
-    weights in another dtype than the base weight (peft then computes the LoRA path in that dtype), or an
-    unknown wrapper.
+    this cannot express exactly: dropout > 0, DoRA or other LoRA variants, LoRA bias, fan_in_fan_out, A and B
+    of different dtypes, or an unknown wrapper. LoRA weights in another dtype than the base (fp32 factors on a
+    bf16 model, as mixed-precision training keeps them) are fine: the op computes the LoRA part in the
+    factors' dtype, as peft does, and adds it in fp32.
     """
     if type(proj) is nn.Linear:
         return proj.weight, proj.bias, None, None, 1.0
@@ -34,11 +35,12 @@ def linear_lora_factors(proj: nn.Module):
     for a in active:
         if (not isinstance(proj.lora_dropout[a], nn.Identity) or a in getattr(proj, "lora_variant", {})
                 or proj.use_dora.get(a, False) or proj.lora_B[a].bias is not None
-                or proj.lora_A[a].weight.dtype != base.weight.dtype
-                or proj.lora_B[a].weight.dtype != base.weight.dtype):
+                or proj.lora_A[a].weight.dtype != proj.lora_B[a].weight.dtype):
             return None
     if not active:
         return base.weight, base.bias, None, None, 1.0
+    if len({proj.lora_A[a].weight.dtype for a in active}) > 1:
+        return None
     if len(active) == 1:
         a = active[0]
         return base.weight, base.bias, proj.lora_A[a].weight, proj.lora_B[a].weight, float(proj.scaling[a])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-from .kernels import fused_qkv, joint_qkv, rope_tables
+from .kernels import fused_qkv, joint_qkv, qkv_epilogue, rope_tables
 from .lora_factors import linear_lora_factors
 
 
@@ -26,31 +26,12 @@ def pos_embed_hook(module, args, output):
 
 def _stream(proj, x, nq, nk, cos, sin):
     factors = linear_lora_factors(proj)
-    if factors is None or (factors[2] is not None and factors[2].dtype != x.dtype):
+    if factors is None:
         # not expressible as W + s B A (dropout, DoRA, other wrappers): run the module as peft would
         return dict(y=proj(x), norm_q=nq, norm_k=nk, cos=cos, sin=sin)
     w, b, lora_a, lora_b, lora_scale = factors
     return dict(x=x, weight=w, bias=b, norm_q=nq, norm_k=nk, cos=cos, sin=sin, lora_a=lora_a, lora_b=lora_b,
                 lora_scale=lora_scale)
-
-
-def _epilogue(y, heads, norm_q, norm_k, cos, sin, eps):
-    """Split a merged projection's output `y [B, S, 3*heads*D]` into q, k, v `[B, S, heads, D]` with the same
-    fp32 QK RMSNorm + RoPE as `qwen_fused.kernels.fused_qkv_torch`."""
-    B, S, N = y.shape
-    q, k, v = y.view(B, S, 3, heads, N // (3 * heads)).unbind(2)
-
-    def norm_rope(t, w):
-        t = t.float()
-        if w is not None:
-            t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w.float()
-        if cos is not None:
-            c, s = cos[None, :, None, :], sin[None, :, None, :]
-            t0, t1 = t[..., 0::2], t[..., 1::2]
-            t = torch.stack((t0 * c - t1 * s, t0 * s + t1 * c), dim=-1).flatten(-2)
-        return t.to(y.dtype)
-
-    return norm_rope(q, norm_q), norm_rope(k, norm_k), v
 
 
 def _joint_qkv(txt, img, *, heads, eps):
@@ -60,7 +41,8 @@ def _joint_qkv(txt, img, *, heads, eps):
     outs = []
     for s in (txt, img):
         if "y" in s:
-            outs.append(_epilogue(s["y"], heads, s["norm_q"], s["norm_k"], s["cos"], s["sin"], eps))
+            outs.append(qkv_epilogue(s["y"], heads=heads, norm_q=s["norm_q"], norm_k=s["norm_k"], cos=s["cos"],
+                                     sin=s["sin"], eps=eps))
         else:
             outs.append(fused_qkv(s["x"], s["weight"], s["bias"], heads=heads, norm_q=s["norm_q"],
                                   norm_k=s["norm_k"], cos=s["cos"], sin=s["sin"], eps=eps, lora_a=s["lora_a"],

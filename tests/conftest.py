@@ -2,8 +2,15 @@
 
 GPU tests are skipped here, in one place, when no CUDA device is present.
 """
+import os
+
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run under the interpreter, which must be chosen before triton is first
+# imported (any test module may import it at collection): decide it here, before every test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_configure(config):

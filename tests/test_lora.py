@@ -550,3 +550,35 @@ def test_convert_errors():
     bad["transformer_blocks.0.attn.to_qkv.lora_B.weight"] = torch.zeros(100, 3)
     with pytest.raises(ValueError, match="to_qkv.*100 rows"):
         convert_lora(bad, "standard")
+
+
+def test_mixed_precision_lora_takes_fast_path_and_is_no_worse_than_stock(base, inputs):
+    """bf16 model + fp32 LoRA factors (what mixed-precision training keeps): the fused op computes it directly
+    (no fallback), and is no further from a float64 run than stock diffusers + peft in the same setup."""
+    cfg = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"])
+    torch.manual_seed(11)
+    stock = copy.deepcopy(base)
+    stock.add_adapter(LoraConfig(**cfg))
+    with torch.no_grad():
+        for n, p in stock.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    sd = get_peft_model_state_dict(stock)
+    ref = run(copy.deepcopy(stock).double(), {k: (v.double() if torch.is_tensor(v) and v.is_floating_point()
+                                                  else v) for k, v in inputs.items()})
+    model = fresh(base, True)
+    with pytest.warns(UserWarning, match="mapped to the merged"):
+        add_lora(model, LoraConfig(**cfg))
+    set_peft_model_state_dict(model, convert_lora(sd, "merged"))
+    outs = []
+    for m in (stock, model):
+        m.to(torch.bfloat16)
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+        half = {k: (v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+        outs.append(run(m, half))
+    factors = linear_lora_factors(model.transformer_blocks[0].attn.to_qkv)
+    assert factors is not None and factors[2].dtype == torch.float32 and factors[0].dtype == torch.bfloat16
+    stock_err, fused_err = rel_err(outs[0], ref), rel_err(outs[1], ref)
+    assert fused_err[1] <= 1.25 * stock_err[1] + 1e-4, (fused_err, stock_err)
