@@ -60,7 +60,7 @@ print("torch", torch.__version__, "| triton", triton.__version__, "| diffusers",
 EOF
 
 step "GPU and kernel tests"
-timeout "${QF_TEST_TIMEOUT:-120}" python -m pytest "$REPO/tests" -m "gpu or kernel" -q -rfE --maxfail=15 -p no:cacheprovider \
+timeout "${QF_TEST_TIMEOUT:-120}" python -m pytest "$REPO/tests" -m "gpu or kernel" -q -rfEs --maxfail=15 -p no:cacheprovider \
     > "$OUT/gpu_tests.log" 2>&1
 echo "pytest exit $? (124 = timed out)"; tail -n 15 "$OUT/gpu_tests.log"
 

@@ -16,7 +16,6 @@ Modes
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import importlib
@@ -26,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from qwen_fused._util import quiet_diffusers
 
 # named shapes: (S_img, S_txt)
 SHAPES = {
@@ -258,24 +259,11 @@ class Impl:
     compiled: bool = False
 
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    """diffusers warns on every ModelMixin.to(dtype) of a model built in code; nothing to act on here."""
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(level)
-
-
 class Workload:
     """What all providers of one case share. `tiny` = reduced sizes (no CUDA)."""
 
     def __init__(self, case: Case, device, dtype=torch.bfloat16, tiny=False, seed=0, l2_bytes=50 << 20):
-        with _quiet_diffusers():
+        with quiet_diffusers():
             self._setup(case, device, dtype, tiny, seed, l2_bytes)
 
     def _setup(self, case, device, dtype, tiny, seed, l2_bytes):

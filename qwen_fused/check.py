@@ -5,7 +5,6 @@ fused vs float64, and exits non-zero if fused is further from float64 than stock
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from math import prod
 
 import torch
 
+from ._util import quiet_diffusers
 from .fuse import fuse_qkv
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -133,19 +133,6 @@ def _stock_order_key(name):
     return (block, stream, leaf, idx)
 
 
-@contextlib.contextmanager
-def _quiet_diffusers():
-    """diffusers warns on every `.to(dtype)` of a model that has no fp32-pinned modules; nothing to act on here."""
-    from diffusers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
-
-
 def _rel(a, b):
     d = a - b
     return (d.abs().max() / b.abs().max().clamp_min(1e-300)).item(), (d.norm() / b.norm().clamp_min(1e-300)).item()
@@ -162,7 +149,7 @@ def run_check(device="cpu", dtype="fp32", real_width=True, seed=0, verbose=True)
         t0 = time.time()
         stock = _build(case, device, seed)
         inputs = _inputs(case, stock, device, seed + 1)
-        with _quiet_diffusers():
+        with quiet_diffusers():
             ref64 = copy.deepcopy(stock).double()
             fused = fuse_qkv(copy.deepcopy(stock).to(dt))
             stock = stock.to(dt)
@@ -210,8 +197,6 @@ def add_parser(sub):
 
 def _main(args) -> int:
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    from .kernels import fused_qkv  # noqa: F401  (fail early if the package is broken)
-
     print(f"qwen-fused check on {args.device}, {dtype}: stock diffusers vs fused, each vs a float64 run")
     rows, ok = run_check(args.device, dtype, real_width=not args.no_real_width, seed=args.seed)
     print(format_table(rows))
