@@ -122,6 +122,15 @@ def bench_fn(fn, device, grads=(), quick=False):
     return statistics.median(times), q[1], q[7]
 
 
+def _public_argv(argv):
+    """The command line, without the folders it wrote to (paths of the measuring machine)."""
+    out, hide = [], False
+    for a in argv:
+        out.append("<path>" if hide else a)
+        hide = a in ("--out", "--results-dir")
+    return [a.split("=", 1)[0] + "=<path>" if a.startswith(("--out=", "--results-dir=")) else a for a in out]
+
+
 def measure_ceilings(device, quick=False) -> dict:
     """bf16 matmul rate (8192^3 on CUDA) and device copy bandwidth (bytes read + written), measured now."""
     cuda = torch.device(device).type == "cuda"
@@ -322,7 +331,7 @@ def run(cases: list[Case], providers: list[str], device=None, tiny=None, quick=F
               "commit": git_commit(), **info, "versions": versions(), "tiny": tiny, "quick": quick,
               "dtype": "bfloat16", "ceilings": ceilings,
               "kernels_backend_switch": hasattr(importlib.import_module("qwen_fused.kernels"), "set_backend"),
-              "argv": sys.argv[1:], "cases": []}
+              "argv": _public_argv(sys.argv[1:]), "cases": []}
     for i, case in enumerate(cases):
         record["cases"].append(run_case(case, providers, device, tiny, quick, ceilings, seed,
                                         prefix=f"[{i + 1}/{len(cases)}] "))

@@ -157,3 +157,9 @@ def test_summary_tables_come_from_each_gpus_latest_run(cpu_run, tmp_path):
     assert "No results" in report.summary(tmp_path / "empty")
     assert cli_main(["bench", "--summary", "--results-dir", str(tmp_path)]) == 0
     assert report.main([str(tmp_path)]) == 0
+
+
+def test_recorded_command_line_hides_the_folders_written_to():
+    argv = ["bench", "--quick", "--out", "/somewhere/out", "--results-dir=/else/results", "--cases", "op/*"]
+    assert runner._public_argv(argv) == ["bench", "--quick", "--out", "<path>", "--results-dir=<path>",
+                                         "--cases", "op/*"]
