@@ -158,3 +158,29 @@ def test_blocks_compile_fullgraph_same_output():
             block.compile(fullgraph=True, backend="aot_eager")
         out = fused(**clone_inputs(kw)).sample
     assert_close(out, ref, TOL, "compiled output")
+
+
+def test_old_projections_are_freed_as_fusing_goes(monkeypatch):
+    """Peak memory grows by one stream's projections, not by the model: by the time the next stream is merged,
+    the previous stream's q/k/v tensors are gone."""
+    import gc
+    import weakref
+
+    from qwen_fused import fuse
+
+    model = tiny_transformer(heads=2, head_dim=32, layers=3)
+    seen = []
+    merged_linear = fuse._merged_linear
+
+    def watching(parts):
+        gc.collect()
+        alive = [name for name, ref in seen if ref() is not None]
+        assert not alive, f"still alive while merging the next stream: {alive}"
+        seen.extend((f"{id(p)}.{n}", weakref.ref(getattr(p, n))) for p in parts for n in ("weight", "bias"))
+        return merged_linear(parts)
+
+    monkeypatch.setattr(fuse, "_merged_linear", watching)
+    qwen_fused.fuse_qkv(model)
+    assert len(seen) == 3 * 2 * 3 * 2  # blocks x streams x q/k/v x (weight, bias)
+    gc.collect()
+    assert all(ref() is None for _, ref in seen)
