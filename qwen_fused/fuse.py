@@ -110,6 +110,15 @@ def _check_stock(name, attn):
             f"afterwards with qwen_fused.load_lora(transformer, path), or bake it into the base weights with "
             f"transformer.fuse_lora() and transformer.unload_lora() before calling fuse_qkv."
         )
+    hooked = [n for names in STREAMS.values() for n in names
+              if hasattr(getattr(attn, n), "_hf_hook") or hasattr(getattr(attn, n), "_diffusers_hook")]
+    if hooked:
+        # accelerate offload hooks and diffusers hooks (layerwise casting, group offloading) live on the modules
+        # that fusing replaces: the merged projection would silently run without them
+        raise ValueError(
+            f"{name}.{hooked[0]} carries accelerate/diffusers hooks (CPU offload, layerwise casting or group "
+            f"offloading). Call qwen_fused.fuse_qkv before enabling them."
+        )
     norms = [attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k]
     if any(n is not None and (type(n) is not RMSNorm or n.weight is None) for n in norms):
         raise TypeError(f"{name}: fused epilogue supports RMSNorm (with weight) QK norms only")

@@ -184,3 +184,12 @@ def test_old_projections_are_freed_as_fusing_goes(monkeypatch):
     assert len(seen) == 3 * 2 * 3 * 2  # blocks x streams x q/k/v x (weight, bias)
     gc.collect()
     assert all(ref() is None for _, ref in seen)
+
+
+def test_hooks_on_the_projections_are_refused():
+    """Layerwise casting (and accelerate offload) hooks sit on to_q/k/v: fusing would drop them silently."""
+    model = tiny_transformer(heads=2, head_dim=32)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="before enabling them"):
+        qwen_fused.fuse_qkv(model)
+    assert hasattr(model.transformer_blocks[0].attn, "to_q")  # untouched
