@@ -9,6 +9,7 @@
 #        QWEN_FUSED_COMMIT: the commit to record where the copy has no git
 #        QF_SHIM=1: skip the editable install, use the symlink shim
 #        QF_TEST_TIMEOUT (s, default 120)   QF_BENCH_TIMEOUT (s, default 200)   QF_BENCH_ARGS (default --quick)
+#        QF_TILE_SWEEP="BM,maxN,BK,warps,stages ..." also times the op's forward at each tile config (tile_sweep.log)
 set -uo pipefail
 
 OUT=${1:?usage: bench/gpu_run.sh OUTDIR}
@@ -72,6 +73,17 @@ rc=$?
 echo "bench exit $rc (124 = timed out, 3 = a provider failed verification)"
 latest=$(ls -t "$REPO"/bench/results/*.json 2>/dev/null | head -n 1)
 [ -n "$latest" ] && cp "$latest" "$OUT/"
+
+if [ -n "${QF_TILE_SWEEP:-}" ]; then
+    # forward tile candidates for the op, each against the bare GEMM in the same process (log only, not saved)
+    step "tile sweep: $QF_TILE_SWEEP"
+    for tiles in $QF_TILE_SWEEP; do
+        echo "--- QWEN_FUSED_TILES=$tiles"
+        QWEN_FUSED_TILES=$tiles timeout 60 python -m qwen_fused.cli bench --cases op/edit-1024/b1/fwd \
+            --providers ours-triton,gemm --no-save --out "$OUT/sweep" 2>&1 | grep -E "ours-triton|gemm " | head -n 2
+    done >> "$OUT/tile_sweep.log" 2>&1
+    rm -rf "$OUT/sweep"; cat "$OUT/tile_sweep.log"
+fi
 step "done; files in $OUT:"
 ls -l "$OUT"
 for md in "$OUT"/bench-*.md; do cat "$md"; done
