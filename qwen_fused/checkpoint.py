@@ -8,6 +8,7 @@ tensor, so memory stays at one q/k/v group however large the file or shard. Shar
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,11 +21,13 @@ import torch
 
 from .fuse import STREAMS
 
-__all__ = ["convert_checkpoint", "load_checkpoint", "from_pretrained", "plan_conversion", "checkpoint_files"]
+__all__ = ["convert_checkpoint", "load_checkpoint", "from_pretrained", "plan_conversion", "checkpoint_files",
+           "atomic_output"]
 
-_STANDARD = {std: (merged, i) for merged, stds in STREAMS.items() for i, std in enumerate(stds)}
+# standard leaf name -> (merged leaf name, row block index)
+STANDARD = {std: (merged, i) for merged, stds in STREAMS.items() for i, std in enumerate(stds)}
 _KEY = re.compile(r"^(?P<pre>(?:.*\.)?transformer_blocks\.\d+\.attn\.)(?P<leaf>" +
-                  "|".join(list(STREAMS) + list(_STANDARD)) + r")\.(?P<param>.+)$")
+                  "|".join(list(STREAMS) + list(STANDARD)) + r")\.(?P<param>.+)$")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -40,14 +43,17 @@ class Plan:
     direction: str = ""
 
 
-def plan_conversion(keys, direction) -> Plan:
-    """What every output tensor is made of, for checkpoint `keys` and `direction` to_merged | to_standard."""
+def plan_conversion(keys, direction, already_ok=False) -> Plan:
+    """What every output tensor is made of, for checkpoint `keys` and `direction` to_merged | to_standard.
+
+    A checkpoint already in the target layout raises, or gets a plan of plain copies when `already_ok`.
+    """
     if direction not in ("to_merged", "to_standard"):
         raise ValueError(f"direction must be 'to_merged' or 'to_standard', got {direction!r}")
     keys = list(keys)
     matched = {k: _KEY.match(k) for k in keys}
     merged = sorted(k for k, m in matched.items() if m and m["leaf"] in STREAMS)
-    standard = sorted(k for k, m in matched.items() if m and m["leaf"] in _STANDARD)
+    standard = sorted(k for k, m in matched.items() if m and m["leaf"] in STANDARD)
     odd = sorted(k for k, m in matched.items() if m and m["param"] not in ("weight", "bias"))
     if odd:
         raise ValueError(f"cannot convert q/k/v tensors other than weight/bias (quantised checkpoint?): {odd[:6]}")
@@ -58,12 +64,14 @@ def plan_conversion(keys, direction) -> Plan:
                          "not a Qwen-Image transformer checkpoint")
     plan = Plan(direction=direction)
     if direction == "to_merged" and merged or direction == "to_standard" and standard:
+        if already_ok:
+            return Plan(recipes={k: ("copy", k) for k in keys}, direction=direction)
         raise ValueError(f"checkpoint is already in {'merged' if merged else 'standard'} layout")
     if direction == "to_merged":
         groups, missing = {}, []
         for k in standard:
             m = matched[k]
-            mname, i = _STANDARD[m["leaf"]]
+            mname, i = STANDARD[m["leaf"]]
             groups.setdefault(f"{m['pre']}{mname}.{m['param']}", [None] * 3)[i] = k
         for out, parts in groups.items():
             if None in parts:
@@ -76,7 +84,7 @@ def plan_conversion(keys, direction) -> Plan:
         if m is None:
             plan.recipes[k] = ("copy", k)
         elif direction == "to_merged":
-            mname, i = _STANDARD[m["leaf"]]
+            mname, i = STANDARD[m["leaf"]]
             if i == 0:
                 out = f"{m['pre']}{mname}.{m['param']}"
                 plan.recipes[out] = ("cat", groups[out])
@@ -105,8 +113,9 @@ class _Reader:
                 raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
         return self._handles[path]
 
-    def tensor(self, key):
-        return self.handle(key).get_tensor(key)
+    def tensor(self, key, rows=None):
+        """The tensor `key`, or only its `rows` (a slice; read without loading the rest)."""
+        return self.handle(key).get_tensor(key) if rows is None else self.handle(key).get_slice(key)[rows]
 
     def info(self, key):
         sl = self.handle(key).get_slice(key)
@@ -135,9 +144,8 @@ def _make(reader, recipe):
         return reader.tensor(recipe[1])
     if kind == "cat":
         return torch.cat([reader.tensor(k) for k in recipe[1]])
-    t = reader.tensor(recipe[1])
-    n = t.shape[0] // 3
-    return t[recipe[2] * n:(recipe[2] + 1) * n].clone()
+    n = reader.info(recipe[1])[1][0] // 3
+    return reader.tensor(recipe[1], slice(recipe[2] * n, (recipe[2] + 1) * n))
 
 
 def _write_streaming(path, names, reader, recipes, metadata=None):
@@ -159,7 +167,8 @@ def _write_streaming(path, names, reader, recipes, metadata=None):
             t = _make(reader, recipes[name]).contiguous()
             if list(t.shape) != header[name]["shape"]:
                 raise ValueError(f"{name}: produced shape {list(t.shape)}, expected {header[name]['shape']}")
-            f.write(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                f.write(t.view(-1).view(torch.uint8).numpy())  # via the buffer protocol: no extra copy
     return offset
 
 
@@ -211,70 +220,91 @@ def _keys_of(files):
 def convert_checkpoint(input_path, output_path, direction, overwrite=False) -> dict:
     """Convert a transformer checkpoint between standard and merged layout; returns a summary dict.
 
-    Single file -> single file; a sharded folder (or its index.json) -> a folder with the same shard names,
-    a new index and the other files (config.json, ...) copied. Atomic: written under a temporary name beside
-    the output, then renamed. Refuses an existing output unless `overwrite`.
+    A single file -> a single file; a folder (sharded with an index.json, or one file) or an index.json -> a
+    folder with the same file names, a new index and the other files (config.json, ...) copied. Atomic:
+    written under a temporary name beside the output, then renamed. Refuses an existing output unless
+    `overwrite`.
     """
     kind, files, index = checkpoint_files(input_path)
-    output_path = os.fspath(output_path)
-    if os.path.exists(output_path) and not overwrite:
-        raise FileExistsError(f"{output_path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    where, file_meta = _keys_of(files)
-    plan = plan_conversion(where, direction)
-    anchor = {out: (r[1][0] if r[0] == "cat" else r[1]) for out, r in plan.recipes.items()}
-    reader = _Reader(where)
-    summary = dict(kind=kind, direction=direction, tensors_in=len(where), tensors_out=len(plan.recipes),
-                   groups=plan.groups, files=len(files), output=output_path)
-    parent = os.path.dirname(os.path.abspath(output_path))
-    if kind == "file":
+    folder = index is not None or os.path.isdir(input_path)
+    with atomic_output(output_path, overwrite, folder=folder) as tmp:
+        where, file_meta = _keys_of(files)
+        plan = plan_conversion(where, direction)
+        reader = _Reader(where)
+        layout = direction.removeprefix("to_")
+        if not folder:
+            _write_streaming(tmp, list(plan.recipes), reader, plan.recipes,
+                             dict(file_meta[files[0]], qwen_fused_layout=layout))
+        else:
+            anchor = {out: (r[1][0] if r[0] == "cat" else r[1]) for out, r in plan.recipes.items()}
+            weight_map, total = {}, 0
+            for path in files:  # each output tensor goes to the shard of its (first) source tensor
+                names = [o for o in plan.recipes if where[anchor[o]] == path]
+                shard = os.path.basename(path)
+                total += _write_streaming(os.path.join(tmp, shard), names, reader, plan.recipes,
+                                          dict(file_meta[path], qwen_fused_layout=layout))
+                weight_map.update({n: shard for n in names})
+            copied = {os.path.basename(p) for p in files}
+            if index is not None:
+                index_path, index_data = index
+                new_index = dict(index_data, weight_map=dict(sorted(weight_map.items())))
+                new_index["metadata"] = dict(index_data.get("metadata", {}), total_size=total)
+                with open(os.path.join(tmp, os.path.basename(index_path)), "w") as f:
+                    json.dump(new_index, f, indent=2)
+                copied.add(os.path.basename(index_path))
+            src_folder = os.path.dirname(files[0])
+            for other in os.listdir(src_folder):  # config.json and friends travel along
+                src = os.path.join(src_folder, other)
+                if other not in copied and os.path.isfile(src) and not other.endswith(".safetensors"):
+                    shutil.copy2(src, os.path.join(tmp, other))
+    return dict(kind=kind, direction=direction, tensors_in=len(where), tensors_out=len(plan.recipes),
+                groups=plan.groups, files=len(files), output=os.fspath(output_path))
+
+
+@contextlib.contextmanager
+def atomic_output(path, overwrite=False, folder=False):
+    """Yield a temporary file (or folder) beside `path` to write; on success it takes `path`'s place.
+
+    Refuses an existing `path` unless `overwrite`, and never replaces a folder by a file or a file by a folder
+    (`--output somedir` for a single-file conversion must not delete the folder). On error the temporary
+    is removed and `path` is untouched.
+    """
+    path = os.fspath(path)
+    if os.path.lexists(path):
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        if os.path.isdir(path) != folder:
+            raise FileExistsError(f"{path} is a {'folder' if os.path.isdir(path) else 'file'} but the output is a "
+                                  f"{'folder' if folder else 'file'}; not replacing one by the other")
+    parent = os.path.dirname(os.path.abspath(path))
+    if folder:
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    else:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".safetensors")
         os.close(fd)
-        try:
-            meta = dict(file_meta[files[0]], qwen_fused_layout=direction.removeprefix("to_"))
-            _write_streaming(tmp, list(plan.recipes), reader, plan.recipes, meta)
-            _replace(tmp, output_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return summary
-    index_path, index_data = index
-    src_folder = os.path.dirname(index_path)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
     try:
-        weight_map, total = {}, 0
-        for path in files:
-            names = [o for o in plan.recipes if where[anchor[o]] == path]
-            shard = os.path.basename(path)
-            meta = dict(file_meta[path], qwen_fused_layout=direction.removeprefix("to_"))
-            total += _write_streaming(os.path.join(tmp, shard), names, reader, plan.recipes, meta)
-            weight_map.update({n: shard for n in names})
-        new_index = dict(index_data, weight_map=dict(sorted(weight_map.items())))
-        new_index["metadata"] = dict(index_data.get("metadata", {}), total_size=total)
-        with open(os.path.join(tmp, os.path.basename(index_path)), "w") as f:
-            json.dump(new_index, f, indent=2)
-        shards = {os.path.basename(p) for p in files} | {os.path.basename(index_path)}
-        for other in os.listdir(src_folder):  # config.json and friends travel along
-            src = os.path.join(src_folder, other)
-            if other not in shards and os.path.isfile(src) and not other.endswith(".safetensors"):
-                shutil.copy2(src, os.path.join(tmp, other))
-        _replace(tmp, output_path)
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
+        if os.path.isdir(path):  # os.replace cannot replace a non-empty folder: move it aside first
+            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
+            os.replace(path, os.path.join(old, "x"))
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(os.path.join(old, "x"), path)
+                os.rmdir(old)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.unlink(tmp)
         raise
-    return summary
-
-
-def _replace(tmp, output_path):
-    """os.replace, also over an existing folder (moved aside first, removed after the swap)."""
-    if os.path.isdir(output_path):
-        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(output_path)), prefix=".old-")
-        os.rmdir(old)
-        os.replace(output_path, old)
-        os.replace(tmp, output_path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, output_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -291,12 +321,7 @@ def load_checkpoint(transformer, path, strict=True):
     _, files, _ = checkpoint_files(path)
     where, _ = _keys_of(files)
     want = "to_merged" if is_fused(transformer) else "to_standard"
-    try:
-        plan = plan_conversion(where, want)
-    except ValueError as e:
-        if "already in" not in str(e):
-            raise
-        plan = Plan(recipes={k: ("copy", k) for k in where})
+    plan = plan_conversion(where, want, already_ok=True)
     model_keys = set(transformer.state_dict())
     missing = sorted(model_keys - set(plan.recipes))
     unexpected = sorted(set(plan.recipes) - model_keys)

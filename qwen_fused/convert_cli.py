@@ -26,18 +26,19 @@ def add_parser(subparsers):
 
 
 def is_lora_file(path) -> bool:
-    """True when a .safetensors file holds LoRA tensors (by key names), False for a model checkpoint."""
+    """True when the input (a .safetensors file, or a folder holding one) has LoRA keys; False for a checkpoint."""
     from safetensors import safe_open
 
-    if os.path.isdir(path) or str(path).endswith(".index.json"):
+    from .checkpoint import checkpoint_files
+
+    kind, files, _ = checkpoint_files(path)
+    if kind != "file":
         return False
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"input not found: {path}")
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(files[0], framework="pt") as f:
             keys = list(f.keys())
     except Exception as e:
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+        raise ValueError(f"{files[0]} is not a readable safetensors file: {e}") from e
     return any(m in k for k in keys for m in _LORA_MARKERS) or any(k.endswith(".alpha") for k in keys)
 
 
@@ -47,28 +48,20 @@ def _ranks(modules):
 
 
 def convert_lora_file(input_path, output_path, direction, fmt=None, overwrite=False, out=print):
-    from .lora import _convert, parse_lora, read_lora, save_lora
+    from .lora import _convert, parse_lora, read_lora, write_lora
 
     if os.path.exists(output_path) and not overwrite:
         raise FileExistsError(f"{output_path} exists; pass --overwrite to replace it")
     state_dict, metadata = read_lora(input_path)
     parsed = parse_lora(state_dict, metadata)
-    to = direction.removeprefix("to_")
-    converted = _convert(parsed.modules, to)
+    converted = _convert(parsed.modules, direction.removeprefix("to_"))
     layout = fmt or "diffusers"
-    meta = save_lora(_with_alpha(parsed), output_path, layout=layout, to=to, overwrite=overwrite)
+    meta = write_lora(converted, output_path, layout=layout, overwrite=overwrite)
     out(f"LoRA: {parsed.layout} layout, {parsed.form} q/k/v, {len(state_dict)} tensors, {len(parsed.modules)} "
         f"modules ({_ranks(parsed.modules)})")
     out(f"  -> {layout} layout, {meta['form']} q/k/v, {len(converted)} modules ({_ranks(converted)})")
     out(f"wrote {output_path}")
     return meta
-
-
-def _with_alpha(parsed):
-    """A plain state dict carrying each module's alpha (file metadata such as diffusers' LoraConfig resolved)."""
-    from .lora import _emit
-
-    return _emit(parsed.modules, "peft", with_alpha=True)
 
 
 def run(args) -> int:

@@ -1,6 +1,7 @@
 """Convert a diffusers Qwen-Image transformer to the merged-QKV layout in place, and back."""
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -152,7 +153,16 @@ def fuse_qkv(model_or_pipeline):
         proc._parallel_config = stock._parallel_config
         attn.set_processor(proc)
     setattr(model, _HOOK_ATTR, model.pos_embed.register_forward_hook(pos_embed_hook))
+    # instance-level: `transformer.add_adapter(LoraConfig(target_modules=["to_q", ...]))` maps standard q/k/v
+    # names onto the merged projections (with a warning) instead of failing in peft with "target not found"
+    model.add_adapter = functools.partial(_add_adapter, model)
     return model
+
+
+def _add_adapter(model, adapter_config, adapter_name="default"):
+    from .lora import add_lora
+
+    add_lora(model, adapter_config, adapter_name)
 
 
 def unfuse_qkv(model_or_pipeline):
@@ -182,4 +192,5 @@ def unfuse_qkv(model_or_pipeline):
     if hook is not None:
         hook.remove()
         delattr(model, _HOOK_ATTR)
+    model.__dict__.pop("add_adapter", None)
     return model

@@ -25,19 +25,17 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .checkpoint import STANDARD, atomic_output
 from .fuse import STREAMS, _transformer, is_fused
 
 __all__ = ["load_lora", "convert_lora", "save_lora", "add_lora", "read_lora", "detect_lora_layout"]
 
-# standard leaf name -> (merged leaf name, row block index)
-STANDARD = {std: (merged, i) for merged, stds in STREAMS.items() for i, std in enumerate(stds)}
 LAYOUTS = ("diffusers", "peft", "diffsynth", "ai-toolkit", "comfyui", "kohya", "lightning")
 # layout name -> (key prefix, A/B style, infix)
 _LAYOUT_KEYS = {
@@ -54,7 +52,7 @@ _KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<ab>lora_A|lora_B|lora_down|lora_up)
                   r"|(?P<alpha>alpha))$")
 _UNSUPPORTED = {"dora_scale": "DoRA magnitude (DoRA is not supported)",
                 "lora_magnitude_vector": "DoRA magnitude (DoRA is not supported)",
-                ".diff": "full weight difference", ".diff_b": "full bias difference",
+                ".diff_b": "full bias difference", ".diff": "full weight difference",
                 "lora_B.bias": "LoRA bias (lora_bias=True is not supported)", "lokr_": "LoKr factor",
                 "hada_": "LoHa factor"}
 _FOREIGN = ("double_blocks", "single_blocks", "single_transformer_blocks", "lora_te", "down_blocks",
@@ -251,8 +249,8 @@ def parse_lora(state_dict, metadata=None, model=None) -> ParsedLora:
     if unknown:
         foreign = any(f in k for k in unknown for f in _FOREIGN)
         raise ValueError(
-            (f"this LoRA was made for another model (its keys name modules a Qwen-Image transformer does not "
-             f"have): " if foreign else f"{len(unknown)} keys are not LoRA tensors of a Qwen-Image module: ")
+            ("this LoRA was made for another model (its keys name modules a Qwen-Image transformer does not "
+             "have): " if foreign else f"{len(unknown)} keys are not LoRA tensors of a Qwen-Image module: ")
             + ", ".join(unknown))
     if len(layouts) > 1 or len(prefixes) > 1:
         desc = "; ".join(f"{len(v)} keys in {_layout_name(*k)} layout (e.g. {v[0]})" for k, v in layouts.items())
@@ -298,7 +296,7 @@ def to_merged(modules: dict) -> dict:
     """Standard q/k/v LoRAs -> one LoRA per merged projection (exact; see module docstring)."""
     out, groups = {}, collections.defaultdict(dict)
     for name, f in modules.items():
-        attn, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        attn, _, leaf = name.rpartition(".")
         if leaf in STANDARD:
             merged, i = STANDARD[leaf]
             groups[f"{attn}.{merged}"][i] = f
@@ -341,7 +339,7 @@ def to_standard(modules: dict) -> dict:
     """Merged LoRAs -> one LoRA per q/k/v projection (exact; see module docstring)."""
     out = {}
     for name, f in modules.items():
-        attn, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        attn, _, leaf = name.rpartition(".")
         if leaf not in STREAMS:
             out[name] = f
             continue
@@ -434,7 +432,7 @@ def _targets(model, modules):
     """Validate every module and shape before anything changes: name -> (Linear, row slice)."""
     missing, bad, plan = [], [], {}
     for name, f in modules.items():
-        attn, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        attn, _, leaf = name.rpartition(".")
         rows = slice(None)
         lin = _linear(model, name)
         if lin is None and leaf in STANDARD:  # a standard target on a fused model: its row slice of to_qkv
@@ -534,19 +532,18 @@ def _inject(model, modules, adapter_name, scale):
 
 def _keep_block_diagonal(layer, adapter_name):
     """A block-diagonal merged B (standard q/k/v LoRAs) keeps zero off-diagonal blocks while training."""
+    cols = block_columns(layer.lora_B[adapter_name].weight.detach())
+    if cols is not None:
+        _register_mask(layer, adapter_name, dict(enumerate(cols)))
+
+
+def _register_mask(layer, adapter_name, cols):
+    """Zero B outside the blocks `cols` (q/k/v part index -> its rank columns), in the weight and its gradient."""
     b = layer.lora_B[adapter_name].weight
-    cols = block_columns(b.detach())
-    if cols is None:
-        return
     n = b.shape[0] // 3
     mask = torch.zeros(b.shape, dtype=torch.float32)
-    for i, c in enumerate(cols):
+    for i, c in cols.items():
         mask[i * n:(i + 1) * n, c.cpu()] = 1
-    _register_mask(layer, adapter_name, mask)
-
-
-def _register_mask(layer, adapter_name, mask):
-    b = layer.lora_B[adapter_name].weight
     with torch.no_grad():
         b.mul_(mask.to(b.device, b.dtype))
     b.register_hook(lambda g: g * mask.to(g.device, g.dtype))
@@ -555,6 +552,11 @@ def _register_mask(layer, adapter_name, mask):
 
 # ----------------------------------------------------------------------------------------------------------
 # peft adapters on a fused model
+
+def _peft_add_adapter(model, config, adapter_name):
+    """diffusers' own `add_adapter` (the class method: a fused model's instance routes its `add_adapter` here)."""
+    type(model).add_adapter(model, config, adapter_name)
+
 
 def add_lora(transformer_or_pipeline, config, adapter_name="default"):
     """`transformer.add_adapter(config, adapter_name)`, mapping standard q/k/v targets on a fused model.
@@ -572,7 +574,7 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
     if adapter_name in getattr(model, "peft_config", {}):
         raise ValueError(f"adapter name {adapter_name!r} already exists on this transformer")
     if not is_fused(model) or isinstance(config.target_modules, str) and config.target_modules == "all-linear":
-        model.add_adapter(config, adapter_name)
+        _peft_add_adapter(model, config, adapter_name)
         return model
     # the names the stock model would have: every Linear, merged projections shown as their q/k/v parts
     stock_names = []
@@ -590,7 +592,7 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
         r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
         alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        attn, leaf = name.rsplit(".", 1)
+        attn, _, leaf = name.rpartition(".")
         if leaf in STANDARD:
             merged, i = STANDARD[leaf]
             groups[f"{attn}.{merged}"][i] = (r, scale)
@@ -598,7 +600,7 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
         else:
             targets[name] = (r, alpha)
     if not mapped:
-        model.add_adapter(config, adapter_name)
+        _peft_add_adapter(model, config, adapter_name)
         return model
     if config.init_lora_weights not in (True, False, "gaussian"):
         raise ValueError(f"init_lora_weights={config.init_lora_weights!r} changes base weights and cannot be "
@@ -619,18 +621,19 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
     kwargs = _config_kwargs(targets)
     config = dataclasses.replace(config, **kwargs, layers_to_transform=None, layers_pattern=None,
                                  exclude_modules=None)
-    model.add_adapter(config, adapter_name)
+    _peft_add_adapter(model, config, adapter_name)
     for name, parts in blocks.items():
         layer = model.get_submodule(name)
         assert isinstance(layer, LoraLayer)
-        b = layer.lora_B[adapter_name].weight
-        n = b.shape[0] // 3
-        mask = torch.zeros_like(b, dtype=torch.float32, device="cpu")
-        col = 0
+        rank, cols, start = sum(r for _, r in parts), {}, 0
         for i, r in parts:
-            mask[i * n:(i + 1) * n, col:col + r] = 1
-            col += r
-        _register_mask(layer, adapter_name, mask)
+            cols[i], start = torch.arange(start, start + r), start + r
+        _register_mask(layer, adapter_name, cols)
+        if config.init_lora_weights == "gaussian":  # peft draws A ~ N(0, 1/rank): each part keeps its own rank's
+            with torch.no_grad():
+                a = layer.lora_A[adapter_name].weight
+                for i, r in parts:
+                    a[cols[i].to(a.device)] *= rank / r
     return model
 
 
@@ -670,14 +673,18 @@ def save_lora(source, path, *, layout="diffusers", to="standard", adapter_name="
     Metadata also holds rank, alpha, layout, form and targets.
     """
     if isinstance(source, dict):
-        state_dict, metadata = read_lora(source)
-        modules = parse_lora(state_dict, metadata).modules
+        modules = parse_lora(*read_lora(source)).modules
     else:
         modules = lora_from_model(source, adapter_name)
     if to is not None:
         modules = _convert(modules, to)
     if dtype is not None:
         modules = {n: LoraFactors(f.a.to(dtype), f.b.to(dtype), f.alpha) for n, f in modules.items()}
+    return write_lora(modules, path, layout=layout, overwrite=overwrite)
+
+
+def write_lora(modules, path, layout="diffusers", overwrite=False):
+    """Write {module: LoraFactors} as safetensors in `layout`, atomically, with metadata (returned)."""
     kohya_like = _LAYOUT_KEYS.get(layout, ("", "lora_A", ""))[1] == "lora_down"
     tensors = _emit(modules, layout, with_alpha=kohya_like or layout != "diffusers")
     cfg = _config_kwargs(modules)
@@ -700,18 +707,7 @@ def write_safetensors(tensors, path, metadata=None, overwrite=False):
     """safetensors `save_file` to a temp file beside `path`, then os.replace; refuses to overwrite by default."""
     from safetensors.torch import save_file
 
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
+    with atomic_output(path, overwrite) as tmp:
         # own contiguous copies: split q/k/v parts share A and B storage, which save_file refuses
         tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -102,6 +102,9 @@ def test_checkpoint_errors(base, saved, tmp_path):
     save_file(sd, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match=r"missing.*transformer_blocks\.0\.attn\.to_k\.bias"):
         convert_checkpoint(tmp_path / "partial.safetensors", tmp_path / "p.safetensors", "to_merged")
+    (tmp_path / "cut.safetensors").write_bytes(src.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        convert_checkpoint(tmp_path / "cut.safetensors", tmp_path / "c.safetensors", "to_merged")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a readable safetensors"):
         convert_checkpoint(tmp_path / "junk.safetensors", tmp_path / "j.safetensors", "to_merged")
@@ -110,7 +113,7 @@ def test_checkpoint_errors(base, saved, tmp_path):
         convert_checkpoint(tmp_path / "other.safetensors", tmp_path / "o.safetensors", "to_merged")
     with pytest.raises(ValueError, match="missing"):
         load_checkpoint(QwenImageTransformer2DModel(**dict(CFG, num_layers=3)), out)
-    assert not (tmp_path / "p.safetensors").exists() and not (tmp_path / "j.safetensors").exists()
+    assert not any((tmp_path / f).exists() for f in ("p.safetensors", "j.safetensors", "c.safetensors"))
 
 
 def test_cli_checkpoint(saved, tmp_path, capsys):
@@ -160,3 +163,58 @@ def test_cli_lora(base, tmp_path, capsys):
     with torch.no_grad():
         ya, yb = a(**inputs).sample, b(**inputs).sample
     assert ((ya - yb).abs().max() / yb.abs().max()).item() <= 1e-5
+
+
+def test_single_file_folder_stays_a_folder(base, tmp_path):
+    """A diffusers folder with one unsharded file converts to a folder (config.json kept) that loads."""
+    src = tmp_path / "stock"
+    base.save_pretrained(src)
+    convert_checkpoint(src, tmp_path / "merged", "to_merged")
+    assert sorted(os.listdir(tmp_path / "merged")) == sorted(os.listdir(src))
+    same_state(from_pretrained(tmp_path / "merged").state_dict(), fuse_qkv(copy.deepcopy(base)).state_dict())
+    mode = os.stat(tmp_path / "merged").st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask  # a normal folder, not mkdtemp's private 0700
+
+
+def test_overwrite_never_swaps_file_and_folder(saved, tmp_path):
+    src = saved / "single_bf16" / "diffusion_pytorch_model.safetensors"
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="folder"):
+        convert_checkpoint(src, keep, "to_merged", overwrite=True)
+    assert (keep / "notes.txt").read_text() == "user data"
+    out = tmp_path / "file.safetensors"
+    out.write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="file"):
+        convert_checkpoint(saved / "sharded", out, "to_merged", overwrite=True)
+    assert out.read_bytes() == b"x" and [f for f in os.listdir(tmp_path) if f.startswith(".")] == []
+
+
+def test_cli_lora_folder(base, tmp_path, capsys):
+    """A folder written by diffusers' save_lora_weights is a LoRA, not a checkpoint."""
+    from diffusers import QwenImagePipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    stock = copy.deepcopy(base)
+    stock.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():
+        for n, p in stock.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    QwenImagePipeline.save_lora_weights(tmp_path / "lora", transformer_lora_layers=get_peft_model_state_dict(stock),
+                                        transformer_lora_adapter_metadata=stock.peft_config["default"].to_dict())
+    out = tmp_path / "merged.safetensors"
+    assert cli(["--input", str(tmp_path / "lora"), "--output", str(out), "--direction", "to_merged"]) == 0
+    assert "diffusers layout, standard" in capsys.readouterr().out
+    assert any(k.endswith("to_qkv.lora_A.weight") for k in load_file(str(out)))
+    # alpha 4 / r 2 lives only in diffusers' file metadata: it must survive the conversion
+    inputs = dict(hidden_states=torch.randn(1, 16, 16), encoder_hidden_states=torch.randn(1, 5, 24),
+                  encoder_hidden_states_mask=torch.ones(1, 5), timestep=torch.tensor([0.3]), img_shapes=[[(1, 4, 4)]])
+    fused = load_lora(fuse_qkv(copy.deepcopy(base)), out)
+    with torch.no_grad():
+        y, ref = fused(**inputs).sample, stock(**inputs).sample
+    assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5

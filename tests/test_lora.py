@@ -328,8 +328,10 @@ def test_dora_fallback_matches_stock_dora(base, inputs):
 # ---- peft training on a fused model == on the stock model ----------------------------------------------------
 
 def test_training_matches_stock(base, inputs):
-    cfg = dict(r=2, lora_alpha=3, target_modules=["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
-                                                  "add_v_proj", "to_out.0", "img_mlp.net.2"])
+    # rslora, rank/alpha patterns and a top-level target too: all must map exactly
+    cfg = dict(r=2, lora_alpha=3, use_rslora=True, rank_pattern={"img_mlp.net.2": 3}, alpha_pattern={"to_out.0": 5},
+               target_modules=["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0",
+                               "img_mlp.net.2", "proj_out"])
     torch.manual_seed(7)
     stock = copy.deepcopy(base).train()
     stock.add_adapter(LoraConfig(**cfg))
@@ -496,6 +498,7 @@ def _bad_cases(tmp_path):
                           "peft")}
     missing_b = {k: v for k, v in good.items() if k != "transformer.transformer_blocks.0.attn.to_v.lora_B.weight"}
     dora = dict(good, **{"transformer.transformer_blocks.0.attn.to_q.dora_scale": torch.ones(1, INNER)})
+    diff_b = dict(good, **{"transformer.transformer_blocks.0.attn.to_q.diff_b": torch.ones(INNER)})
     notsft = tmp_path / "notes.safetensors"
     notsft.write_bytes(b"this is not a safetensors file at all")
     pickled = tmp_path / "lora.bin"
@@ -511,6 +514,7 @@ def _bad_cases(tmp_path):
         ("mixed-form", mixed_form, "mixed LoRA layouts.*merged.*standard"),
         ("missing-B", missing_b, r"missing A or B.*to_v"),
         ("dora", dora, "DoRA"),
+        ("diff_b", diff_b, r"to_q\.diff_b \(full bias difference\)"),
         ("not-safetensors", notsft, "not a readable safetensors"),
         ("pickled", pickled, "pickled"),
         ("truncated", truncated, "not a readable safetensors"),
@@ -541,6 +545,31 @@ def test_bad_adapter_name(base):
     with pytest.raises(ValueError, match="'style' already exists"):
         load_lora(model, sd, adapter_name="style")
     assert _unchanged(model, snap)
+
+
+def test_add_lora_refuses_unequal_qkv_scales(base):
+    """One merged adapter has one scale: q/k/v with different alpha/r cannot train as stock does."""
+    model = fresh(base, True)
+    snap = _snapshot(model)
+    cfg = LoraConfig(r=2, lora_alpha=2, alpha_pattern={"to_k": 4}, target_modules=["to_q", "to_k", "to_v"])
+    with pytest.raises(ValueError, match=r"to_qkv: q/k/v parts have different LoRA scales \[1.0, 2.0\]"):
+        add_lora(model, cfg)
+    assert _unchanged(model, snap) and not getattr(model, "peft_config", {})
+
+
+def test_add_lora_gaussian_init_matches_stock_distribution(base):
+    """peft's gaussian init draws A ~ N(0, 1/r); each q/k/v block of the merged A keeps its own part's 1/r."""
+    torch.manual_seed(0)
+    model = fresh(base, True)
+    cfg = LoraConfig(r=2, lora_alpha=2, init_lora_weights="gaussian", rank_pattern={"add_k_proj": 2},
+                     target_modules=["to_q", "to_k", "to_v", "add_k_proj"])
+    with pytest.warns(UserWarning, match="mapped to the merged"):
+        add_lora(model, cfg)
+    a = torch.cat([blk.attn.to_qkv.lora_A["default"].weight for blk in model.transformer_blocks], dim=1)
+    assert a.shape[0] == 6
+    assert abs(a.std().item() - 1 / 2) < 0.05  # stock: 1 / r = 0.5 per part (not 1 / 6 for the merged rank)
+    a = torch.cat([blk.attn.add_qkv_proj.lora_A["default"].weight for blk in model.transformer_blocks], dim=1)
+    assert a.shape[0] == 2 and abs(a.std().item() - 1 / 2) < 0.05
 
 
 def test_convert_errors():
@@ -582,3 +611,23 @@ def test_mixed_precision_lora_takes_fast_path_and_is_no_worse_than_stock(base, i
     assert factors is not None and factors[2].dtype == torch.float32 and factors[0].dtype == torch.bfloat16
     stock_err, fused_err = rel_err(outs[0], ref), rel_err(outs[1], ref)
     assert fused_err[1] <= 1.25 * stock_err[1] + 1e-4, (fused_err, stock_err)
+
+
+def test_add_adapter_on_fused_model_maps_standard_names(base, inputs):
+    """`transformer.add_adapter` itself (diffusers' API) accepts standard q/k/v names on a fused model."""
+    cfg = dict(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    stock = copy.deepcopy(base)
+    stock.add_adapter(LoraConfig(**cfg))
+    with torch.no_grad():
+        for n, p in stock.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    model = fresh(base, True)
+    with pytest.warns(UserWarning, match="mapped to the merged"):
+        model.add_adapter(LoraConfig(**cfg))
+    assert hasattr(model.transformer_blocks[0].attn.to_qkv, "lora_A")
+    set_peft_model_state_dict(model, convert_lora(get_peft_model_state_dict(stock), "merged"))
+    assert_close(run(model, inputs), run(stock, inputs), 1e-5, "add_adapter with standard names")
+    model.unload_lora()
+    qwen_fused.unfuse_qkv(model)
+    assert "add_adapter" not in model.__dict__
