@@ -214,10 +214,16 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches whose samples share one size bucket, shuffled per epoch from `seed` (same on every process)."""
+    """Batches whose samples share one size bucket, shuffled per epoch from `seed` (same on every process).
+
+    A bucket's last batch may be short, anywhere in the list. The size is deliberately not exposed as
+    `batch_size`: accelerate's `BatchSamplerShard` then deals out (and pads with) whole batches; with a
+    `batch_size` it assumes only the last batch is short and would drop batches or top up a short one with
+    samples of another bucket.
+    """
 
     def __init__(self, dataset: EncodedDataset, batch_size: int, seed: int = 0, shuffle: bool = True):
-        self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.dataset, self.size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int):
@@ -232,7 +238,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         for idx in groups.values():
             if self.shuffle:
                 rng.shuffle(idx)
-            batches += [idx[j:j + self.batch_size] for j in range(0, len(idx), self.batch_size)]
+            batches += [idx[j:j + self.size] for j in range(0, len(idx), self.size)]
         if self.shuffle:
             rng.shuffle(batches)
         return batches

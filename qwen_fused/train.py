@@ -235,6 +235,8 @@ def load_pipeline(path, dtype=torch.float32):
     """The stock pipeline from a diffusers folder or hub id (`DiffusionPipeline.from_pretrained`)."""
     from diffusers import DiffusionPipeline
 
+    from . import tiny  # noqa: F401  (defines the tiny pipelines' processor class, so saved ones load too)
+
     if os.path.sep in str(path) and not os.path.isdir(path):
         raise FileNotFoundError(f"model folder {path} does not exist")
     from diffusers.utils import deprecation_utils
@@ -380,11 +382,22 @@ def encode_sample(pipe, record: D.Record, plan: D.Plan, device) -> dict:
             "edits": [latents(img, size) for img, size in zip(edit_imgs, plan.edits)]}
 
 
+ENCODER_FOLDERS = ("vae", "text_encoder", "tokenizer", "processor")  # what an encoded sample depends on
+
+
 def model_key(args, pipe) -> str:
+    """Part of every cache key: the pipeline class, dtypes and, for a local folder, the size and time of every
+    encoder file (new weights saved into the same folder invalidate the cache; a hub id is taken as is)."""
+    path = args.pretrained_model_name_or_path
+    files = []
+    if os.path.isdir(path):
+        path = os.path.abspath(path)
+        for sub in ENCODER_FOLDERS:
+            for root, _, names in sorted(os.walk(os.path.join(path, sub))):
+                files += [D.file_fingerprint(os.path.join(root, n)) for n in sorted(names)]
     cfg = {k: v for k, v in pipe.text_encoder.config.to_dict().items() if k in ("hidden_size", "vocab_size")}
-    return json.dumps([os.path.abspath(args.pretrained_model_name_or_path)
-                       if os.path.isdir(args.pretrained_model_name_or_path) else args.pretrained_model_name_or_path,
-                       type(pipe).__name__, str(pipe.vae.dtype), str(pipe.text_encoder.dtype), cfg], sort_keys=True)
+    return json.dumps([path, type(pipe).__name__, str(pipe.vae.dtype), str(pipe.text_encoder.dtype), cfg, files],
+                      sort_keys=True)
 
 
 def build_dataset(args, pipe, accelerator, records):
@@ -432,12 +445,13 @@ def check_output_dir(args, accelerator):
         raise ValueError("--output_dir is required")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--output_dir {out} exists and is not a folder")
+    # read-only checks on every process: all of them stop with the message, none waits for a failed main
+    if os.path.isdir(out) and not args.resume_from_checkpoint and not args.overwrite:
+        theirs = [f for f in os.listdir(out) if f in ("run.json", "state") or f.startswith("checkpoint-")]
+        if theirs:
+            raise ValueError(f"--output_dir {out} holds another run ({', '.join(sorted(theirs)[:3])}); pass "
+                             f"--overwrite to replace it or --resume_from_checkpoint latest to continue it")
     if accelerator.is_main_process:
-        if os.path.isdir(out) and not args.resume_from_checkpoint and not args.overwrite:
-            theirs = [f for f in os.listdir(out) if f in ("run.json", "state") or f.startswith("checkpoint-")]
-            if theirs:
-                raise ValueError(f"--output_dir {out} holds another run ({', '.join(sorted(theirs)[:3])}); pass "
-                                 f"--overwrite to replace it or --resume_from_checkpoint latest to continue it")
         try:
             os.makedirs(out, exist_ok=True)
             probe = tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-", delete=True)
@@ -491,6 +505,7 @@ def save_checkpoint(accelerator, transformer, args, step, epoch, name=None):
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     state = lora_state(accelerator.unwrap_model(transformer), with_alpha=True)
+    accelerator.wait_for_everyone()  # save_state returns without a barrier: every process's files must be in tmp
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump({"step": step, "epoch": epoch}, f)
@@ -502,10 +517,15 @@ def save_checkpoint(accelerator, transformer, args, step, epoch, name=None):
 
 
 class StopRequest:
-    """SIGTERM / Ctrl-C: finish the current step, save a resumable state, exit. A second Ctrl-C aborts."""
+    """SIGTERM / Ctrl-C: finish the current step, save a resumable state, exit. A second Ctrl-C aborts.
+
+    `signum` is this process's request (0: none). Under several processes the signal reaches them at different
+    moments; the loop acts on the maximum over all processes, gathered with the loss, so that all stop after
+    the same step (one stopping alone would wait in a collective the others never join)."""
 
     def __init__(self):
         self.reason = None
+        self.signum = 0
         self._old = {}
 
     def __enter__(self):
@@ -520,6 +540,7 @@ class StopRequest:
         if self.reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.reason = signal.Signals(signum).name
+        self.signum = max(self.signum, int(signum))
         print(f"\n{self.reason}: saving a resumable state after this step (Ctrl-C again to abort)", file=sys.stderr)
 
     def __exit__(self, *exc):
@@ -579,7 +600,7 @@ def run(args) -> int:
 
 def train(args) -> int:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
     for name in ("gradient_accumulation_steps", "train_batch_size", "save_steps", "lora_rank", "max_pixels"):
@@ -603,6 +624,10 @@ def train(args) -> int:
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, "logs")),
     )
+    if args.validation_image and accelerator.distributed_type == DistributedType.FSDP:
+        # validation runs on the main process only; a sharded model needs every rank in each forward
+        raise ValueError("--validation_image is not supported under FSDP (validation runs on one process); "
+                         "drop it, or validate the saved LoRA with `qwen-fused edit`")
     check_output_dir(args, accelerator)
     resume = resolve_resume(args)
     set_seed(args.seed, device_specific=True)
@@ -618,7 +643,10 @@ def train(args) -> int:
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_epsilon)
     sampler = D.BucketBatchSampler(dataset, args.train_batch_size, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=D.collate)
+    # its own generator: each pass otherwise draws a seed from the global RNG that makes the noise, and a
+    # resume mid-epoch (the pass started before the checkpoint) would then draw different noise
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=D.collate,
+                                         generator=torch.Generator().manual_seed(args.seed))
     batches_per_epoch = math.ceil(len(sampler) / accelerator.num_processes)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
     max_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
@@ -626,6 +654,7 @@ def train(args) -> int:
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes)
     transformer, optimizer, loader, lr_scheduler = accelerator.prepare(transformer, optimizer, loader, lr_scheduler)
+    params = [p for p in transformer.parameters() if p.requires_grad]  # FSDP2's prepare replaces them (DTensor)
 
     def save_hook(models, weights, folder):
         from safetensors.torch import save_file
@@ -666,14 +695,17 @@ def train(args) -> int:
 
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     validation_every = args.validation_steps or args.save_steps
-    last_saved, losses = None, []
+    last_saved, losses, stop_signum = resume, [], 0
     transformer.train()
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     t_step = time.perf_counter()
     with StopRequest() as stop:
         epoch = first_epoch
-        while step < max_steps and stop.reason is None:
+        while step < max_steps and not stop_signum:
+            # the loader sets its sampler's epoch from its own pass count, which restarts at 0 on resume (one
+            # process); under several processes accelerate's shard wrapper hides the sampler from it: set both
+            loader.set_epoch(epoch)
             sampler.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             skip = 0
@@ -681,7 +713,10 @@ def train(args) -> int:
                 batch = _to(batch, accelerator.device)
                 with accelerator.accumulate(transformer):
                     loss, _ = flow.loss(transformer, batch, dtype=weight_dtype)
-                    all_losses = accelerator.gather(loss.detach()[None])
+                    # one collective per micro-step: every process's loss and stop request (see StopRequest)
+                    gathered = accelerator.gather(torch.stack([loss.detach().float(),
+                                                               loss.new_tensor(stop.signum, dtype=torch.float32)])[None])
+                    all_losses, stop_signum = gathered[:, 0], int(gathered[:, 1].max())
                     if not torch.isfinite(all_losses).all():
                         raise NonFiniteLoss(f"non-finite loss {all_losses.tolist()} at step {step + 1}; stopped. "
                                             f"Last good checkpoint: {last_saved or 'none saved yet'}")
@@ -707,20 +742,20 @@ def train(args) -> int:
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=step)
-                if step % args.save_steps == 0 or stop.reason or step >= max_steps:
+                if step % args.save_steps == 0 or stop_signum or step >= max_steps:
                     last_saved = save_checkpoint(accelerator, transformer, args, step, epoch)
                 if args.validation_image and step % validation_every == 0 and accelerator.is_main_process:
                     validate(pipe, transformer, args, step, accelerator)
-                if step >= max_steps or stop.reason:
+                if step >= max_steps or stop_signum:
                     break
             else:
                 epoch += 1
         bar.close()
-    if stop.reason:
-        accelerator.print(f"stopped by {stop.reason} at step {step}; resume with --resume_from_checkpoint "
-                          f"{last_saved}")
+    if stop_signum:
+        accelerator.print(f"stopped by {signal.Signals(stop_signum).name} at step {step}; resume with "
+                          f"--resume_from_checkpoint {last_saved}")
         accelerator.end_training()
-        return 130 if stop.reason == "SIGINT" else 143
+        return 128 + stop_signum
     state = lora_state(accelerator.unwrap_model(transformer), with_alpha=True)
     if accelerator.is_main_process:
         paths = save_lora_files(state, args.output_dir, "checkpoint-final", standard=not args.no_standard_layout)

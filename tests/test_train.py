@@ -289,8 +289,14 @@ def test_train_csv_end_to_end(tiny_models, csv_data, tmp_path, capsys):
 def test_train_json_two_edit_images_2511_cache(tiny_models, json_data, tmp_path, capsys):
     out, cache = tmp_path / "run", tmp_path / "cache"
     assert run_train(tiny_models["2511"], json_data, out, "--cache", str(cache), "--train_batch_size", "2",
-                     "--gradient_accumulation_steps", "2", "--use_gradient_checkpointing") == 0
+                     "--gradient_accumulation_steps", "2", "--use_gradient_checkpointing", "--dataset_repeat", "2",
+                     "--lr_scheduler", "linear") == 0
     assert "0 samples reused, 2 encoded" in capsys.readouterr().out
+    # 2 batches per epoch, accumulated 2 at a time: 4 optimizer and lr-schedule steps from 8 batches
+    state = out / "state" / "checkpoint-4"
+    optimizer = torch.load(state / "optimizer.bin", weights_only=False)
+    assert {float(v["step"]) for v in optimizer["state"].values()} == {4.0}
+    assert torch.load(state / "scheduler.bin", weights_only=False)["last_epoch"] == 4
     sample = load_file(next(cache.iterdir()))
     assert {"prompt_embeds", "target", "edit.0", "edit.1"} <= set(sample)
     assert run_train(tiny_models["2511"], json_data, tmp_path / "run2", "--cache", str(cache)) == 0
@@ -305,17 +311,22 @@ def test_train_json_two_edit_images_2511_cache(tiny_models, json_data, tmp_path,
 
 
 def test_resume_matches_uninterrupted(tiny_models, csv_data, tmp_path):
+    """4 batches per epoch whose sample order differs between epochs 0 and 1: resuming at the epoch boundary
+    (step 4) must use epoch 1's order, resuming mid-epoch (step 5) must skip the batch already seen."""
     full, part = tmp_path / "full", tmp_path / "part"
-    assert run_train(tiny_models["edit"], csv_data, full, "--max_train_steps", "4", "--save_steps", "2") == 0
-    assert run_train(tiny_models["edit"], csv_data, part, "--max_train_steps", "2", "--save_steps", "2") == 0
-    assert run_train(tiny_models["edit"], csv_data, part, "--max_train_steps", "4", "--save_steps", "2",
-                     "--resume_from_checkpoint", "latest") == 0
+    common = ("--dataset_repeat", "2", "--save_steps", "100")
+    assert run_train(tiny_models["edit"], csv_data, full, "--max_train_steps", "6", *common) == 0
+    assert run_train(tiny_models["edit"], csv_data, part, "--max_train_steps", "4", *common) == 0
+    for steps in ("5", "6"):
+        assert run_train(tiny_models["edit"], csv_data, part, "--max_train_steps", steps, *common,
+                         "--resume_from_checkpoint", "latest") == 0
+    assert sorted(os.listdir(part / "state")) == ["checkpoint-4", "checkpoint-5", "checkpoint-6"]
     a, b = load_file(full / "checkpoint-final.safetensors"), load_file(part / "checkpoint-final.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         assert_close(b[k], a[k], k, tol=1e-6)
     # and it did train past the resume point
-    c = load_file(part / "checkpoint-2.safetensors")
+    c = load_file(part / "checkpoint-4.safetensors")
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
@@ -507,6 +518,86 @@ def test_bucketing_groups_sizes():
     assert list(sampler) != batches
 
 
+def test_bucket_batches_stay_whole_when_sharded():
+    """Under several processes accelerate wraps the batch sampler in `BatchSamplerShard`: every process must get
+    same-bucket batches only, the same number of them, and every sample must be used."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    buckets = [(64, 32)] * 5 + [(32, 32)] * 3 + [(96, 32)] * 2
+    ds = D.EncodedDataset([{"i": i} for i in range(10)], buckets)
+    sampler = D.BucketBatchSampler(ds, 2, seed=0)
+    assert any(len(b) < 2 for b in list(sampler)[:-1])  # a short batch before the end: the case that broke
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        shards = [list(BatchSamplerShard(sampler, 2, rank)) for rank in range(2)]
+        assert len(shards[0]) == len(shards[1])
+        for b in shards[0] + shards[1]:
+            assert len({ds.bucket(i) for i in b}) == 1, b
+        assert sorted({i for sh in shards for b in sh for i in b}) == list(range(10))
+
+
+def test_timesteps_match_diffusers_script():
+    """The (timestep, sigma) pairs are those of diffusers' train_dreambooth_lora_qwen_image.py: index into the
+    scheduler's table as constructed, sigma looked up by timestep. Qwen-Image's scheduler has use_dynamic_shifting,
+    so that table is unshifted (the resolution-dependent `mu` shift applies to inference only); a static `shift`
+    is applied."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    qwen = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+                shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+    for config, shifted in ((qwen, False), (dict(shift=3.0), True)):
+        scheduler = FlowMatchEulerDiscreteScheduler(**config)
+        scheduler.set_timesteps(4, mu=0.7 if config.get("use_dynamic_shifting") else None)  # must not matter
+        flow = T.FlowMatching(scheduler, weighting_scheme="logit_normal")
+        torch.manual_seed(0)
+        t, s = flow.sample(64, "cpu")
+        ref = FlowMatchEulerDiscreteScheduler(**config)
+        torch.manual_seed(0)
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        u = compute_density_for_timestep_sampling("logit_normal", 64, 0.0, 1.0, 1.29)
+        t_ref = ref.timesteps[(u * ref.config.num_train_timesteps).long()]
+        s_ref = ref.sigmas[[(ref.timesteps == x).nonzero().item() for x in t_ref]]
+        assert torch.equal(t, t_ref) and torch.equal(s, s_ref)
+        assert torch.allclose(s, t / 1000)  # the transformer gets timestep / 1000 = sigma
+        uniform = torch.arange(1000, 0, -1) / 1000
+        assert torch.allclose(flow.sigmas, uniform) != shifted
+
+
+def test_encoded_latents_are_the_pipelines(csv_data):
+    """encode_sample's condition latents are exactly what the stock edit pipeline packs into the image stream
+    (VAE mode, then (z - latents_mean) / latents_std), checked with a non-trivial mean / std."""
+    from qwen_fused.tiny import tiny_edit_pipeline
+
+    pipe = tiny_edit_pipeline(variant="edit")
+    pipe.vae.register_to_config(latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[2.0, 0.5, 1.5, 3.0])
+    record = D.read_metadata(*csv_data)[0]
+    plan = D.plan_sample(record, 64 * 64, None)
+    sample = T.encode_sample(pipe, record, plan, "cpu")
+    w, h = plan.edits[0]
+    pixels = pipe.image_processor.preprocess(D.open_rgb(record.edit_images[0]), h, w).unsqueeze(2)
+    _, image_latents = pipe.prepare_latents(pixels, 1, 4, h, w, torch.float32, "cpu", None)
+    assert torch.equal(T.pack(sample["edits"][0][None]), image_latents)
+    w, h = plan.target
+    pixels = pipe.image_processor.preprocess(D.open_rgb(record.image), h, w).unsqueeze(2)
+    raw = pipe.vae.encode(pixels).latent_dist.mode()
+    mean, std = (torch.tensor(v).view(1, 4, 1, 1, 1) for v in ([0.3, -0.2, 0.1, 0.5], [2.0, 0.5, 1.5, 3.0]))
+    assert torch.allclose(sample["target"][None], (raw - mean) / std, atol=1e-6)
+
+
+def test_cache_key_follows_model_files(tmp_path):
+    """New encoder weights saved into the same model folder must not reuse samples encoded with the old ones."""
+    import argparse
+
+    path = tmp_path / "m"
+    pipe = save_tiny_pipeline(path, seed=0)
+    args = argparse.Namespace(pretrained_model_name_or_path=str(path))
+    key = T.model_key(args, pipe)
+    assert T.model_key(args, pipe) == key
+    pipe.vae.save_pretrained(path / "vae")  # same class, dtype and path; rewritten files
+    assert T.model_key(args, pipe) != key
+
+
 def test_demo_cli(tmp_path):
     from qwen_fused.cli import main
 
@@ -578,3 +669,58 @@ def test_fsdp2_fused_blocks(tmp_path):
            str(script), os.path.dirname(__file__)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "FSDP2 OK" in res.stdout, res.stderr[-3000:]
+
+
+DDP_STOP_SCRIPT = """
+import os, signal, sys
+from qwen_fused import train as T
+loss, calls = T.FlowMatching.loss, [0]
+def loss_then_term(self, *a, **k):  # SIGTERM reaches rank 0 only, during its second step
+    calls[0] += 1
+    if os.environ["RANK"] == "0" and calls[0] == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return loss(self, *a, **k)
+T.FlowMatching.loss = loss_then_term
+sys.exit(T.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_on_one_process(tmp_path):
+    """A stop signal seen by one process only: both stop after the same step and save one resumable state
+    (without agreeing, rank 0 would wait in the checkpoint barrier while rank 1 runs the next step)."""
+    script, out = tmp_path / "stop.py", tmp_path / "ddp"
+    script.write_text(DDP_STOP_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+           str(script), "--demo", "--output_dir", str(out), "--max_train_steps", "6", "--save_steps", "100"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, ACCELERATE_USE_CPU="1"))
+    try:
+        stdout, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("processes did not stop together (hung)")
+    assert proc.returncode != 0  # 143 from both workers
+    assert "stopped by SIGTERM at step 2" in stdout, err[-3000:]
+    assert sorted(os.listdir(out / "state")) == ["checkpoint-2"], err[-3000:]
+    assert sorted(f for f in os.listdir(out / "state" / "checkpoint-2") if f.startswith("random_states")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert not os.path.exists(out / "checkpoint-final.safetensors")
+
+
+@pytest.mark.slow
+def test_seed_style_script_runs(tiny_models, csv_data, tmp_path):
+    """The shipped launch script (the seed's flags) runs end to end through `accelerate launch`."""
+    import shutil
+
+    script = os.path.join(os.path.dirname(T.__file__), "scripts", "Qwen-Image-Edit-2509-lora-efficient.sh")
+    data = tmp_path / "data"
+    shutil.copytree(csv_data[0], data)
+    shutil.copy(csv_data[1], data / "metadata_edit.csv")
+    out = tmp_path / "out"
+    env = dict(os.environ, MODEL=tiny_models["edit"], DATA=str(data), OUT=str(out))
+    res = subprocess.run(["bash", script, "--max_train_steps", "2", "--max_pixels", "4096", "--save_steps", "1"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "checkpoint-final.safetensors").is_file() and (out / "checkpoint-final-standard.safetensors").is_file()
