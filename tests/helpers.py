@@ -27,6 +27,20 @@ def assert_close(a, b, tol, name=""):
                              f"{tuple(int(c) for c in coord)}: {a.flatten()[idx].item()} vs {b.flatten()[idx].item()}")
 
 
+TINY_CFG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32,
+                num_attention_heads=3, joint_attention_dim=24, axes_dims_rope=(8, 12, 12))
+
+
+def random_model(cfg=TINY_CFG, std=0.2, seed=0):
+    """A stock QwenImageTransformer2DModel with every parameter drawn from N(0, std), in eval mode."""
+    torch.manual_seed(seed)
+    model = QwenImageTransformer2DModel(**cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model.eval()
+
+
 def tiny_transformer(heads=3, head_dim=32, layers=2, zero_cond_t=False, seed=0, dtype=torch.float32):
     """A stock QwenImageTransformer2DModel with every parameter redrawn (norm weights too, so they matter)."""
     torch.manual_seed(seed)

@@ -10,22 +10,18 @@ from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from helpers import TINY_CFG, random_model
+
 from qwen_fused import fuse_qkv, load_lora
 from qwen_fused.checkpoint import convert_checkpoint, from_pretrained, load_checkpoint
 from qwen_fused.convert_cli import add_parser
 
-CFG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32,
-           num_attention_heads=3, joint_attention_dim=24, axes_dims_rope=(8, 12, 12))
+CFG = TINY_CFG
 
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    m = QwenImageTransformer2DModel(**CFG)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m.eval()
+    return random_model(CFG)
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,20 @@ import os
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from helpers import TINY_CFG, random_model
 
 import qwen_fused
 from qwen_fused import convert_lora, fuse_qkv, load_lora, save_lora
 from qwen_fused.lora import add_lora, detect_lora_layout, parse_lora
 from qwen_fused.lora_factors import linear_lora_factors
 
-CFG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32,
-           num_attention_heads=3, joint_attention_dim=24, axes_dims_rope=(8, 12, 12))
+CFG = TINY_CFG
 INNER = 96
 QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
 MERGED = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
@@ -39,12 +40,7 @@ def assert_close(out, ref, tol, what=""):
 
 @pytest.fixture(scope="module")
 def base():
-    torch.manual_seed(0)
-    m = QwenImageTransformer2DModel(**CFG)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m.eval()
+    return random_model(CFG)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +56,19 @@ def inputs():
 def run(model, inputs):
     with torch.no_grad():
         return model(**inputs).sample
+
+
+def stock_with_adapter(base, cfg, seed=None):
+    """A copy of the stock model with a peft adapter from `cfg` whose B is random (so the LoRA is live)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    stock = copy.deepcopy(base)
+    stock.add_adapter(LoraConfig(**cfg))
+    with torch.no_grad():
+        for n, p in stock.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return stock
 
 
 def fresh(base, fused):
@@ -306,13 +315,7 @@ def test_fallback_paths_match_fast_path(base, inputs):
 def test_dora_fallback_matches_stock_dora(base, inputs):
     """DoRA on the merged projection (block-diagonal) equals stock DoRA on to_q/k/v: a real fallback check."""
     cfg = dict(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], use_dora=True)
-    torch.manual_seed(5)
-    stock = copy.deepcopy(base)
-    stock.add_adapter(LoraConfig(**cfg))
-    with torch.no_grad():
-        for n, p in stock.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    stock = stock_with_adapter(base, cfg, seed=5)
     model = fresh(base, True)
     with pytest.warns(UserWarning, match="mapped to the merged"):
         add_lora(model, LoraConfig(**cfg))
@@ -585,13 +588,7 @@ def test_mixed_precision_lora_takes_fast_path_and_is_no_worse_than_stock(base, i
     """bf16 model + fp32 LoRA factors (what mixed-precision training keeps): the fused op computes it directly
     (no fallback), and is no further from a float64 run than stock diffusers + peft in the same setup."""
     cfg = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"])
-    torch.manual_seed(11)
-    stock = copy.deepcopy(base)
-    stock.add_adapter(LoraConfig(**cfg))
-    with torch.no_grad():
-        for n, p in stock.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    stock = stock_with_adapter(base, cfg, seed=11)
     sd = get_peft_model_state_dict(stock)
     ref = run(copy.deepcopy(stock).double(), {k: (v.double() if torch.is_tensor(v) and v.is_floating_point()
                                                   else v) for k, v in inputs.items()})
@@ -616,12 +613,7 @@ def test_mixed_precision_lora_takes_fast_path_and_is_no_worse_than_stock(base, i
 def test_add_adapter_on_fused_model_maps_standard_names(base, inputs):
     """`transformer.add_adapter` itself (diffusers' API) accepts standard q/k/v names on a fused model."""
     cfg = dict(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    stock = copy.deepcopy(base)
-    stock.add_adapter(LoraConfig(**cfg))
-    with torch.no_grad():
-        for n, p in stock.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
+    stock = stock_with_adapter(base, cfg)
     model = fresh(base, True)
     with pytest.warns(UserWarning, match="mapped to the merged"):
         model.add_adapter(LoraConfig(**cfg))
