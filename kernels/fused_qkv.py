@@ -130,26 +130,22 @@ def _project(x, weight, bias, lora_a, lora_b, lora_scale):
 def fused_qkv_torch(x, weight, bias=None, *, heads, norm_q=None, norm_k=None, cos=None, sin=None, eps=1e-6,
                     lora_a=None, lora_b=None, lora_scale=1.0):
     """The pure-torch path: differentiable torch ops, any device, same contract as `fused_qkv`."""
-    B, S, _ = x.shape
-    D = weight.shape[0] // (3 * heads)
     y = _project(x, weight, bias, lora_a, lora_b, lora_scale)
-    q, k, v = y.view(B, S, 3, heads, D).unbind(2)
-    acc = torch.promote_types(x.dtype, torch.float32)  # fp32 epilogue; float64 stays float64 (references)
-    q = _rms_rope(q.to(acc), norm_q, cos, sin, eps).to(x.dtype)
-    k = _rms_rope(k.to(acc), norm_k, cos, sin, eps).to(x.dtype)
-    return q, k, v.to(x.dtype)
+    return qkv_epilogue(y, heads=heads, norm_q=norm_q, norm_k=norm_k, cos=cos, sin=sin, eps=eps, out_dtype=x.dtype)
 
 
-def qkv_epilogue(y, *, heads, norm_q=None, norm_k=None, cos=None, sin=None, eps=1e-6):
+def qkv_epilogue(y, *, heads, norm_q=None, norm_k=None, cos=None, sin=None, eps=1e-6, out_dtype=None):
     """The epilogue alone, for a projection computed elsewhere (e.g. a peft layer with dropout or DoRA):
-    `y [B, S, 3 * heads * D]` -> q, k, v `[B, S, heads, D]` in y.dtype, fp32 QK RMSNorm + RoPE as `fused_qkv`."""
+    `y [B, S, 3 * heads * D]` -> q, k, v `[B, S, heads, D]` in `out_dtype` (default y.dtype), QK RMSNorm + RoPE
+    in fp32 (float64 stays float64, for references) as `fused_qkv`."""
     B, S, N = y.shape
     if N % (3 * heads):
         raise ValueError(f"qkv_epilogue: y has {N} features, not 3 * heads * D for heads={heads}")
+    out = out_dtype or y.dtype
     q, k, v = y.view(B, S, 3, heads, N // (3 * heads)).unbind(2)
     acc = _acc_dtype(y.dtype)
-    return (_rms_rope(q.to(acc), norm_q, cos, sin, eps).to(y.dtype),
-            _rms_rope(k.to(acc), norm_k, cos, sin, eps).to(y.dtype), v)
+    return (_rms_rope(q.to(acc), norm_q, cos, sin, eps).to(out), _rms_rope(k.to(acc), norm_k, cos, sin, eps).to(out),
+            v.to(out))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -282,15 +278,13 @@ def _forward_torch(streams, heads, eps, save_y):
     qs, ks, vs, ys = [], [], [], []
     for st in streams:
         x = st["x"]
-        B, S, _ = x.shape
-        D = st["weight"].shape[0] // (3 * heads)
         y = _project(x, st["weight"], st["bias"], st["lora_a"], st["lora_b"], st["lora_scale"])
-        q, k, v = y.view(B, S, 3, heads, D).unbind(2)
-        acc = _acc_dtype(x.dtype)
-        qs.append(_rms_rope(q.to(acc), st["norm_q"], st["cos"], st["sin"], eps).to(x.dtype))
-        ks.append(_rms_rope(k.to(acc), st["norm_k"], st["cos"], st["sin"], eps).to(x.dtype))
-        vs.append(v.to(x.dtype))
-        ys.append(y[..., : 2 * heads * D].to(x.dtype))
+        q, k, v = qkv_epilogue(y, heads=heads, norm_q=st["norm_q"], norm_k=st["norm_k"], cos=st["cos"],
+                               sin=st["sin"], eps=eps, out_dtype=x.dtype)
+        qs.append(q)
+        ks.append(k)
+        vs.append(v)
+        ys.append(y[..., : 2 * y.shape[-1] // 3].to(x.dtype))
     x0 = streams[0]["x"]
     y = torch.cat(ys, dim=1) if save_y else x0.new_empty(0)
     return torch.cat(qs, dim=1), torch.cat(ks, dim=1), torch.cat(vs, dim=1), y
