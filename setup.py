@@ -23,7 +23,10 @@ setup(
         "triton": ["triton>=3.3"],
         "bench": ["matplotlib"],
         "train": ["tensorboard"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.3", "matplotlib"],
+        # everything `python -m pytest tests` needs (the README installs this extra only), with diffusers and
+        # peft at the versions the suite is verified against: its tests compare with their exact behaviour
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.3", "matplotlib", "tensorboard",
+                 "diffusers==0.42.1", "peft==0.21.2"],
     },
     entry_points={"console_scripts": ["qwen-fused=qwen_fused.cli:main"]},
 )

@@ -57,11 +57,15 @@ def main(args) -> int:
         print("\n".join(c.name for c in cases))
         return 0
 
-    import torch
+    from qwen_fused._util import resolve_device
 
     from . import runner
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        print(f"qwen-fused bench: error: {e}", file=sys.stderr)
+        return 2
     providers = registry.select_providers(args.providers, cuda=device.type == "cuda")
     record = runner.run(cases, providers, device, tiny=True if args.tiny else None, quick=args.quick)
 
@@ -79,7 +83,7 @@ def main(args) -> int:
     if record.get("gpu") and not args.no_save and not record["tiny"]:
         written.append(report.append_run(record, results_dir))
     elif not record.get("gpu"):
-        print("CPU run: not added to bench/results (GPU runs only). GPU numbers need a GPU.", file=sys.stderr)
+        print("CPU smoke run: not added to bench/results (GPU runs only).", file=sys.stderr)
 
     print(report.terminal_table(record))
     print("wrote " + ", ".join(str(p) for p in written))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ORDER = ["stock", "stock-compile", "ours-triton", "ours-torch", "ours-compile", "gemm"]
+SMOKE = ("CPU smoke run, not a measurement: each provider runs at reduced sizes and is verified against stock; "
+         "GPU numbers need a GPU")
 
 
 def slug(name: str) -> str:
@@ -77,6 +79,13 @@ def _status(p):
     return s if s in ("ok", "ceiling") else f"**{s}**"
 
 
+def _floors(run) -> dict:
+    """{case: floor ms as text}, or {} for a run without measured ceilings (a CPU smoke run): no column then."""
+    if not any(c.get("floor_ms") is not None for c in run["cases"]):
+        return {}
+    return {c["case"]: f"{c['floor_ms']:.3f}" if c.get("floor_ms") is not None else "-" for c in run["cases"]}
+
+
 def _providers(run):
     names = {n for c in run["cases"] for n in c["providers"]}
     return [n for n in ORDER if n in names] + sorted(names - set(ORDER))
@@ -89,6 +98,7 @@ def run_header(run) -> str:
             f"triton {v.get('triton')} | diffusers {v.get('diffusers')} | peft {v.get('peft')} | "
             f"commit {run.get('commit')} | {run.get('date')}"
             + (" | reduced sizes (no CUDA)" if run.get("tiny") else "")
+            + (f"\n\n{SMOKE}." if run.get("smoke") else "")
             + (f"\n\nMeasured ceilings: bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, device copy "
                f"{c['copy_tbps']:.2f} TB/s." if c else ""))
 
@@ -96,15 +106,16 @@ def run_header(run) -> str:
 def markdown(run) -> str:
     """Speedup matrix (vs stock eager) and the full detail table of one run."""
     provs = _providers(run)
+    floors = _floors(run)
     lines = [run_header(run), "", "Speedup vs stock eager (higher is better; ratios within this run only):", "",
-             "| case | floor ms | " + " | ".join(provs) + " |", "|---|---:|" + "---:|" * len(provs)]
+             "| case | " + " | ".join(["floor ms"] * bool(floors) + provs) + " |",
+             "|---|" + "---:|" * (bool(floors) + len(provs))]
     for c in run["cases"]:
-        cells = []
+        cells = [floors[c["case"]]] if floors else []
         for n in provs:
             p = c["providers"].get(n, {})
             cells.append(_fmt_ratio(p, "vs_stock") if "ms" in p else (p.get("status", "-") if p else "-"))
-        floor = f"{c['floor_ms']:.3f}" if c.get("floor_ms") is not None else "-"
-        lines.append(f"| {c['case']} | {floor} | " + " | ".join(cells) + " |")
+        lines.append(f"| {c['case']} | " + " | ".join(cells) + " |")
     lines += ["", "| case | provider | status | median ms [p20-p80] | vs eager | vs compiled | max rel err | "
               "peak extra MB | first call s | note |", "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for c in run["cases"]:
@@ -126,11 +137,12 @@ def markdown(run) -> str:
 
 def terminal_table(run) -> str:
     provs = _providers(run)
+    floors = _floors(run)
     w = max([len(c["case"]) for c in run["cases"]] + [4])
-    head = f"{'case':{w}s}  {'floor':>8s}  " + "  ".join(f"{n:>22s}" for n in provs)
+    head = f"{'case':{w}s}  " + "  ".join(f"{n:>22s}" for n in ["floor"] * bool(floors) + provs)
     out = [head, "-" * len(head)]
     for c in run["cases"]:
-        cells = []
+        cells = [floors[c["case"]]] if floors else []
         for n in provs:
             p = c["providers"].get(n, {})
             if "ms" in p:
@@ -139,10 +151,11 @@ def terminal_table(run) -> str:
                 cells.append(f"{p['ms']:.3f}ms{r}{rc}")
             else:
                 cells.append(p.get("status", "-"))
-        floor = f"{c['floor_ms']:.3f}" if c.get("floor_ms") is not None else "-"
-        out.append(f"{c['case']:{w}s}  {floor:>8s}  " + "  ".join(f"{x:>22s}" for x in cells))
-    out.append("ms = median; Nx = speedup vs stock eager, Nxc = vs stock compiled; floor = max(FLOPs/matmul peak, "
-               "bytes/copy bandwidth), measured in this run")
+        out.append(f"{c['case']:{w}s}  " + "  ".join(f"{x:>22s}" for x in cells))
+    out.append("ms = median; Nx = speedup vs stock eager, Nxc = vs stock compiled"
+               + ("; floor = max(FLOPs/matmul peak, bytes/copy bandwidth), measured in this run" if floors else ""))
+    if run.get("smoke"):
+        out.append(SMOKE)
     return "\n".join(out)
 
 

@@ -1,8 +1,26 @@
-"""qwen-fused: merged-QKV Qwen-Image transformer with fused kernels and the same results as diffusers."""
-from .fuse import fuse_qkv, is_fused, unfuse_qkv
-from .processor import FusedQwenAttnProcessor
-from .lora import add_lora, convert_lora, load_lora, save_lora
+"""qwen-fused: merged-QKV Qwen-Image transformer with fused kernels and the same results as diffusers.
+
+The public names load on first use (PEP 562), so that `import qwen_fused.kernels` stays tensor-only: the
+kernels must not pay for importing diffusers (seconds) when they are used on their own.
+"""
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["fuse_qkv", "unfuse_qkv", "is_fused", "FusedQwenAttnProcessor", "load_lora", "convert_lora", "save_lora",
-           "add_lora"]
+_EXPORTS = {
+    "fuse_qkv": "fuse", "unfuse_qkv": "fuse", "is_fused": "fuse",
+    "FusedQwenAttnProcessor": "processor",
+    "load_lora": "lora", "convert_lora": "lora", "save_lora": "lora", "add_lora": "lora",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qwen_fused' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

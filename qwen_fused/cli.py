@@ -5,6 +5,22 @@ import argparse
 import importlib
 import sys
 
+from ._util import HelpFormatter
+
+DESCRIPTION = """\
+Qwen-Image and Qwen-Image-Edit with fused q/k/v attention: the same results as diffusers, faster.
+
+  train a LoRA for Qwen-Image-Edit on image pairs   qwen-fused train ...
+  edit images, with or without LoRAs                qwen-fused edit ...
+  check that fused equals stock on this machine     qwen-fused check
+  convert LoRAs and checkpoints between the         qwen-fused convert --input X --output Y --direction D
+    standard and merged (to_qkv) layouts
+  benchmark fused against stock diffusers           qwen-fused bench --quick
+
+`qwen-fused train --demo` and `qwen-fused edit --demo` try it offline on a tiny random model;
+`qwen-fused COMMAND --help` lists a command's options and their defaults.
+"""
+
 # subcommand -> module under qwen_fused that defines add_parser(subparsers) and sets `func` on its parser
 SUBCOMMANDS = {
     "check": "qwen_fused.check",
@@ -16,8 +32,8 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-fused", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="qwen-fused", description=DESCRIPTION, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
     for module in SUBCOMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import types
 
+from ._util import resolve_device
+
 STOCK_AREA = 1024 * 1024  # the pixel area the stock edit pipelines resize the (VAE) condition image to
 
 
@@ -41,20 +43,24 @@ def call_pipeline(pipe, *, area: int | None = None, condition_area: int | None =
 
 
 def add_parser(subparsers):
+    from ._util import HelpFormatter
+
     p = subparsers.add_parser("edit", help="edit an image with Qwen-Image-Edit (fused attention by default)",
-                              description=__doc__)
+                              description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="diffusers folder or hub id of Qwen-Image-Edit, -2509 or -2511")
     p.add_argument("--image", action="append", default=[], help="condition image; repeat for -2509/-2511")
-    p.add_argument("--prompt")
-    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--prompt", help="what to change")
+    p.add_argument("--negative_prompt", default=None, help="what to steer away from (turns on true CFG)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA in any layout qwen_fused.load_lora reads; repeatable")
     p.add_argument("--fuse_lora", action="store_true", help="merge the LoRAs into the base weights (faster)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--true_cfg_scale", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--true_cfg_scale", type=float, default=None,
+                   help="true classifier-free guidance scale, used with --negative_prompt (default there: the "
+                        "pipeline's, 4.0); without one there is no true CFG")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--height", type=int, default=None, help="output height (default: from the last --image and --area)")
+    p.add_argument("--width", type=int, default=None, help="output width (default: from the last --image and --area)")
     p.add_argument("--area", type=int, default=None,
                    help=f"pixel area condition images are resized to for the VAE (stock: {STOCK_AREA})")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
@@ -63,7 +69,8 @@ def add_parser(subparsers):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="stock diffusers attention")
     p.add_argument("--demo", action="store_true", help="tiny random offline pipeline and a synthetic image")
-    p.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511"])
+    p.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511"],
+                   help="the --demo model: Qwen-Image-Edit, -2509 or -2511")
     p.set_defaults(func=run)
     return p
 
@@ -103,9 +110,10 @@ def _demo(args):
     import numpy as np
     from PIL import Image
 
+    from ._util import scratch_folder
     from .tiny import save_tiny_pipeline
 
-    work = tempfile.mkdtemp(prefix="qwen-fused-edit-demo-")
+    work = scratch_folder("qwen-fused-edit-demo-")  # model and input image: gone at exit; the output stays
     args.model = args.model or os.path.join(work, "model")
     if not os.path.exists(args.model):
         save_tiny_pipeline(args.model, seed=args.seed, variant=args.demo_variant)
@@ -114,7 +122,7 @@ def _demo(args):
         Image.fromarray((np.random.RandomState(args.seed).rand(48, 64, 3) * 255).astype("uint8")).save(path)
         args.image = [path] * (1 if args.demo_variant == "edit" else 2)
     args.prompt = args.prompt or "make it red"
-    args.output = args.output or os.path.join(work, "edit.png")
+    args.output = args.output or os.path.join(tempfile.mkdtemp(prefix="qwen-fused-edit-demo-output-"), "edit.png")
     args.steps = 4 if args.steps == 50 else args.steps
     args.area = args.area or 64 * 64
     args.height, args.width = args.height or 32, args.width or 32
@@ -131,11 +139,11 @@ def run(args) -> int:
         _demo(args)
     args.output = args.output or "edit.png"
     try:
+        device = resolve_device(args.device)
         images, loras = _check_args(args)
     except (ValueError, OSError) as e:
         print(f"qwen-fused edit: error: {e}", file=sys.stderr)
         return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     from .train import edit_variant, load_pipeline
@@ -161,9 +169,12 @@ def run(args) -> int:
         return 2
     pipe.to(device)
     pipe.set_progress_bar_config(disable=False)
+    # true CFG needs a negative prompt; without one the pipeline's default scale (4.0) would only make it warn
+    scale = args.true_cfg_scale if args.true_cfg_scale is not None or args.negative_prompt is not None else 1.0
+    cfg = {} if scale is None else {"true_cfg_scale": scale}
     out = call_pipeline(pipe, area=args.area, image=images[0] if variant == "edit" else images, prompt=args.prompt,
-                        negative_prompt=args.negative_prompt, true_cfg_scale=args.true_cfg_scale,
-                        num_inference_steps=args.steps, height=args.height, width=args.width,
+                        negative_prompt=args.negative_prompt, num_inference_steps=args.steps, **cfg,
+                        height=args.height, width=args.width,
                         generator=torch.Generator(device="cpu").manual_seed(args.seed)).images[0]
     tmp = f"{args.output}.tmp.png"
     out.save(tmp)

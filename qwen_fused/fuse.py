@@ -153,16 +153,25 @@ def fuse_qkv(model_or_pipeline):
         proc._parallel_config = stock._parallel_config
         attn.set_processor(proc)
     setattr(model, _HOOK_ATTR, model.pos_embed.register_forward_hook(pos_embed_hook))
-    # instance-level: `transformer.add_adapter(LoraConfig(target_modules=["to_q", ...]))` maps standard q/k/v
-    # names onto the merged projections (with a warning) instead of failing in peft with "target not found"
-    model.add_adapter = functools.partial(_add_adapter, model)
+    _bind_lora_api(model)
     return model
 
 
-def _add_adapter(model, adapter_config, adapter_name="default"):
-    from .lora import add_lora
+# diffusers' LoRA entry points that must see standard q/k/v names on a fused model, and their fused versions
+# (qwen_fused.lora sits above this module, hence the late import)
+_LORA_API = {"add_adapter": "add_lora", "load_lora_adapter": "fused_load_lora_adapter",
+             "save_lora_adapter": "fused_save_lora_adapter"}
 
-    add_lora(model, adapter_config, adapter_name)
+
+def _bind_lora_api(model):
+    """Instance-level: standard q/k/v names in `add_adapter` configs and in LoRA files map onto the merged
+    projections exactly, and saved files come out in the standard layout, instead of peft silently finding no
+    `to_q` on this model."""
+    from . import lora
+
+    for name, impl in _LORA_API.items():
+        setattr(model, name, functools.partial(getattr(lora, impl), model))
+    lora.wrap_pipeline_lora_saving()
 
 
 def unfuse_qkv(model_or_pipeline):
@@ -192,5 +201,6 @@ def unfuse_qkv(model_or_pipeline):
     if hook is not None:
         hook.remove()
         delattr(model, _HOOK_ATTR)
-    model.__dict__.pop("add_adapter", None)
+    for name in _LORA_API:
+        model.__dict__.pop(name, None)
     return model

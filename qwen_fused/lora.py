@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -48,12 +49,13 @@ _LAYOUT_KEYS = {
     "lightning": ("", "lora_down", ""),
 }
 _PREFIXES = ("lora_unet_", "transformer.", "diffusion_model.", "base_model.model.", "")
-_KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<ab>lora_A|lora_B|lora_down|lora_up)(?P<infix>\.default)?\.weight"
-                  r"|(?P<alpha>alpha))$")
+_KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<ab>lora_A|lora_B|lora_down|lora_up)(?P<infix>\.default)?\."
+                  r"(?P<param>weight|bias)|(?P<alpha>alpha))$")
 _UNSUPPORTED = {"dora_scale": "DoRA magnitude (DoRA is not supported)",
                 "lora_magnitude_vector": "DoRA magnitude (DoRA is not supported)",
                 ".diff_b": "full bias difference", ".diff": "full weight difference",
-                "lora_B.bias": "LoRA bias (lora_bias=True is not supported)", "lokr_": "LoKr factor",
+                "lora_A.bias": "bias on LoRA A (not a LoRA)", "lora_down.bias": "bias on LoRA A (not a LoRA)",
+                "lokr_": "LoKr factor",
                 "hada_": "LoHa factor"}
 _FOREIGN = ("double_blocks", "single_blocks", "single_transformer_blocks", "lora_te", "down_blocks",
             "input_blocks", "text_model", "joint_blocks")
@@ -62,11 +64,18 @@ _META_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata key (Lora
 
 @dataclass
 class LoraFactors:
-    """One module's LoRA: `delta W = scale * b @ a`, a `[r, in]`, b `[out, r]`, scale = alpha / r."""
+    """One module's LoRA: `delta W = scale * b @ a`, a `[r, in]`, b `[out, r]`, scale = alpha / r.
+
+    `bias` `[out]` is peft's `lora_B.bias` (lora_bias=True: `delta b = scale * bias`). `cols`, for a merged
+    q/k/v LoRA whose B is kept block-diagonal, holds each part's rank columns, so saving it in the standard layout
+    gives back each part's own factors even where B is still all zero.
+    """
 
     a: torch.Tensor
     b: torch.Tensor
     alpha: float | None = None  # None: alpha = rank (scale 1)
+    bias: torch.Tensor | None = None
+    cols: list | None = None
 
     @property
     def rank(self) -> int:
@@ -179,6 +188,10 @@ def _split_key(key):
     prefix = next(p for p in _PREFIXES if m.group("module").startswith(p))
     ab = m.group("ab")
     kind = "alpha" if m.group("alpha") else ("A" if ab in ("lora_A", "lora_down") else "B")
+    if m.group("param") == "bias":
+        if kind == "A":
+            return None
+        kind = "bias"
     style = None if ab is None else ("lora_A" if ab in ("lora_A", "lora_B") else "lora_down")
     return prefix, m.group("module")[len(prefix):], kind, style, m.group("infix") or ""
 
@@ -195,28 +208,40 @@ def detect_lora_layout(state_dict) -> str:
     return parse_lora(state_dict).layout
 
 
-def _alphas_from_metadata(metadata, modules):
-    """Per-module alpha from diffusers' `lora_adapter_metadata` (LoraConfig kwargs), or {} when absent."""
-    if not metadata or _META_KEY not in metadata:
-        return {}
-    cfg = json.loads(metadata[_META_KEY])
-    cfg = {k.removeprefix("transformer."): v for k, v in cfg.items()}
-    if cfg.get("use_dora"):
-        raise ValueError("this LoRA file is a DoRA adapter (use_dora in its metadata); DoRA is not supported")
+def rank_and_scale(cfg: dict, name: str, rank=None):
+    """`(rank, scale)` peft gives module `name` under LoraConfig kwargs `cfg` (rank/alpha patterns, rsLoRA);
+    `rank` stands in where `cfg` names none."""
     from peft.utils.other import get_pattern_key
 
-    out = {}
+    r_pat, a_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    r = r_pat.get(get_pattern_key(r_pat.keys(), name), cfg.get("r", rank))
+    alpha = a_pat.get(get_pattern_key(a_pat.keys(), name), cfg.get("lora_alpha", r))
+    return r, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def apply_config(modules, cfg: dict, only_missing=False):
+    """Set each module's alpha to what LoraConfig kwargs `cfg` give it (alpha = scale * rank, plain alpha/r
+    semantics), checking the ranks against the tensors."""
+    if cfg.get("use_dora"):
+        raise ValueError("this LoRA is a DoRA adapter (use_dora in its config); DoRA is not supported")
     for name, f in modules.items():
-        r_pat, a_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-        alpha = a_pat.get(get_pattern_key(a_pat.keys(), name), cfg.get("lora_alpha"))
-        rank = r_pat.get(get_pattern_key(r_pat.keys(), name), cfg.get("r"))
-        if alpha is None:
+        if only_missing and f.alpha is not None:
             continue
-        if rank is not None and rank != f.rank:
-            raise ValueError(f"{name}: metadata says rank {rank} but the tensors have rank {f.rank}")
-        scale = alpha / math.sqrt(f.rank) if cfg.get("use_rslora") else alpha / f.rank
-        out[name] = scale * f.rank
-    return out
+        r, scale = rank_and_scale(cfg, name, f.rank)
+        if r != f.rank:
+            raise ValueError(f"{name}: the LoRA config says rank {r} but the tensors have rank {f.rank}")
+        f.alpha = scale * f.rank
+    return modules
+
+
+def _alphas_from_metadata(metadata, modules):
+    """Fill alphas from diffusers' `lora_adapter_metadata` (LoraConfig kwargs) where the keys had none."""
+    if not metadata or _META_KEY not in metadata:
+        return
+    cfg = {k.removeprefix("transformer."): v for k, v in json.loads(metadata[_META_KEY]).items()}
+    if cfg.get("lora_alpha") is None:
+        return
+    apply_config(modules, cfg, only_missing=True)
 
 
 def parse_lora(state_dict, metadata=None, model=None) -> ParsedLora:
@@ -271,12 +296,13 @@ def parse_lora(state_dict, metadata=None, model=None) -> ParsedLora:
         alpha = kinds["alpha"][1] if "alpha" in kinds else None
         if alpha is not None and alpha.numel() != 1:
             raise ValueError(f"{module}: alpha must be a scalar, got shape {tuple(alpha.shape)}")
-        modules[module] = LoraFactors(a, b, None if alpha is None else float(alpha.item()))
+        bias = kinds["bias"][1] if "bias" in kinds else None
+        if bias is not None and tuple(bias.shape) != (b.shape[0],):
+            raise ValueError(f"{module}: LoRA bias {tuple(bias.shape)} does not fit B {tuple(b.shape)}")
+        modules[module] = LoraFactors(a, b, None if alpha is None else float(alpha.item()), bias)
     if incomplete:
         raise ValueError("LoRA modules with a missing A or B weight: " + ", ".join(incomplete))
-    for name, alpha in _alphas_from_metadata(metadata, modules).items():
-        if modules[name].alpha is None:
-            modules[name].alpha = alpha
+    _alphas_from_metadata(metadata, modules)
     return ParsedLora(modules, _layout_name(*layout_key), _form(modules))
 
 
@@ -324,15 +350,21 @@ def _merge_parts(name, parts):
     same_a = all(parts[i].a.shape == first.a.shape and torch.equal(parts[i].a, first.a) for i in order)
     a = first.a.to(dtype) if same_a else torch.cat([parts[i].a.to(dtype) for i in order])
     b = torch.zeros(3 * n, a.shape[0], dtype=dtype, device=first.b.device)
-    col = 0
+    has_bias = any(parts[i].bias is not None for i in order)
+    bias = torch.zeros(3 * n, dtype=dtype, device=first.b.device) if has_bias else None
+    col, blocks = 0, [torch.arange(0)] * 3
     for i in order:
         r = parts[i].rank
         cols = slice(0, r) if same_a else slice(col, col + r)
-        b[i * n:(i + 1) * n, cols] = parts[i].b.to(dtype) * (1.0 if same_scale else parts[i].scale)
+        scale = 1.0 if same_scale else parts[i].scale  # folded into B (and the bias) when the scales differ
+        b[i * n:(i + 1) * n, cols] = parts[i].b.to(dtype) * scale
+        if parts[i].bias is not None:
+            bias[i * n:(i + 1) * n] = parts[i].bias.to(dtype) * scale
+        blocks[i] = torch.arange(col, col + r)
         col += r
     rank = a.shape[0]
     alpha = None if no_alpha else (scales[0] * rank if same_scale else float(rank))
-    return LoraFactors(a, b, alpha)
+    return LoraFactors(a, b, alpha, bias, None if same_a else blocks)
 
 
 def to_standard(modules: dict) -> dict:
@@ -347,16 +379,26 @@ def to_standard(modules: dict) -> dict:
             raise ValueError(f"{name}: merged LoRA B has {f.b.shape[0]} rows, not 3 equal q/k/v blocks")
         n = f.b.shape[0] // 3
         blocks = [f.b[i * n:(i + 1) * n] for i in range(3)]
-        cols = block_columns(f.b)
+        biases = [None if f.bias is None else f.bias[i * n:(i + 1) * n] for i in range(3)]
+        cols = f.cols if f.cols is not None and _only_in(f.b, f.cols) else block_columns(f.b)
         prefix = f"{attn}." if attn else ""
         for i, std in enumerate(STREAMS[leaf]):
             if cols is None:
-                out[prefix + std] = LoraFactors(f.a, blocks[i], f.alpha)
+                out[prefix + std] = LoraFactors(f.a, blocks[i], f.alpha, biases[i])
             elif len(cols[i]):
-                r = len(cols[i])
-                out[prefix + std] = LoraFactors(f.a[cols[i]], blocks[i][:, cols[i]],
-                                                None if f.alpha is None else f.scale * r)
+                r, c = len(cols[i]), cols[i].to(f.a.device)
+                out[prefix + std] = LoraFactors(f.a[c], blocks[i][:, c], None if f.alpha is None else f.scale * r,
+                                                biases[i])
     return out
+
+
+def _only_in(b, cols):
+    """True when each q/k/v row block of a merged B is zero outside its part's rank columns `cols`."""
+    n = b.shape[0] // 3
+    outside = torch.ones(b.shape, dtype=torch.bool, device=b.device)
+    for i, c in enumerate(cols):
+        outside[i * n:(i + 1) * n, c.to(b.device)] = False
+    return not bool(b[outside].any())
 
 
 def block_columns(b):
@@ -392,6 +434,11 @@ def _emit(modules, layout, with_alpha):
         base = prefix + (_flatten(name) if prefix == "lora_unet_" else name)
         out[f"{base}.{a_name}{infix}.weight"] = f.a.contiguous()
         out[f"{base}.{b_name}{infix}.weight"] = f.b.contiguous()
+        if f.bias is not None:
+            if style != "lora_A":
+                raise ValueError(f"{name}: a LoRA bias (lora_bias=True) has no key in the {layout} layout; "
+                                 f"save it in the diffusers or peft layout")
+            out[f"{base}.{b_name}{infix}.bias"] = f.bias.contiguous()
         if with_alpha:
             alpha = float(f.rank) if f.alpha is None else f.alpha
             out[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
@@ -455,6 +502,9 @@ def _targets(model, modules):
             bad.append(f"{name}: LoRA A {tuple(f.a.shape)} / B {tuple(f.b.shape)} need [out {f.b.shape[0]}, in "
                        f"{f.a.shape[1]}] but the module is [out {out}, in {lin.in_features}]{where}")
             continue
+        if f.bias is not None and lin.bias is None:
+            bad.append(f"{name}: the LoRA has a bias (lora_bias) but the module has none to fuse it into")
+            continue
         plan[name] = (lin, rows)
     if missing and not plan:
         raise ValueError(f"this LoRA was made for another model: none of its modules exist in this Qwen-Image "
@@ -495,6 +545,8 @@ def load_lora(transformer_or_pipeline, path_or_state_dict, adapter_name="default
                 dtype = torch.promote_types(w.dtype, torch.float32)
                 delta = (f.b.to(w.device, dtype) @ f.a.to(w.device, dtype)) * (f.scale * scale)
                 w[rows] += delta.to(w.dtype)
+                if f.bias is not None:
+                    lin.bias[rows] += (f.bias.to(w.device, dtype) * (f.scale * scale)).to(lin.bias.dtype)
         return model
     modules = to_merged(parsed.modules) if fused else to_standard(parsed.modules)
     _targets(model, modules)  # all names exist as plain modules now; shapes fit
@@ -514,27 +566,45 @@ def _config_kwargs(modules):
             "alpha_pattern": {f"^{k}": v for k, v in alphas.items() if v != alpha}}
 
 
-def _inject(model, modules, adapter_name, scale):
-    from peft.tuners.lora import LoraLayer
+def peft_adapter(modules, base_config=None):
+    """{module: LoraFactors} -> (peft state dict, LoraConfig kwargs) with each module's exact rank and scale.
 
+    `base_config` (LoraConfig kwargs) keeps its other settings (dropout, init, ...); targets, ranks and alphas
+    are replaced by exact per-module names and patterns, so nothing else may select modules.
+    """
     state_dict = {}
     for name, f in modules.items():
         state_dict[f"{name}.lora_A.weight"] = f.a
         state_dict[f"{name}.lora_B.weight"] = f.b
-    model.load_lora_adapter(state_dict, prefix=None, adapter_name=adapter_name, metadata=_config_kwargs(modules))
+        if f.bias is not None:
+            state_dict[f"{name}.lora_B.bias"] = f.bias
+    config = {k: v for k, v in (base_config or {}).items() if k != "peft_type"}
+    config.update(_config_kwargs(modules), use_rslora=False, layers_to_transform=None, layers_pattern=None,
+                  exclude_modules=None, lora_bias=any(f.bias is not None for f in modules.values()))
+    return state_dict, config
+
+
+def _inject(model, modules, adapter_name, scale=1.0, base_config=None, **load_kwargs):
+    """Attach `modules` as peft adapter `adapter_name` through diffusers' own `load_lora_adapter`."""
+    from peft.tuners.lora import LoraLayer
+
+    state_dict, config = peft_adapter(modules, base_config)
+    type(model).load_lora_adapter(model, state_dict, prefix=None, adapter_name=adapter_name, metadata=config,
+                                  **load_kwargs)
     for name, mod in model.named_modules():
         if isinstance(mod, LoraLayer) and adapter_name in mod.lora_A:
             if scale != 1.0:
                 mod.set_scale(adapter_name, scale)
-            if name.rsplit(".", 1)[-1] in STREAMS:
-                _keep_block_diagonal(mod, adapter_name)
+            if name in modules and name.rsplit(".", 1)[-1] in STREAMS:
+                _keep_block_diagonal(mod, adapter_name, modules[name].cols)
 
 
-def _keep_block_diagonal(layer, adapter_name):
+def _keep_block_diagonal(layer, adapter_name, cols=None):
     """A block-diagonal merged B (standard q/k/v LoRAs) keeps zero off-diagonal blocks while training."""
-    cols = block_columns(layer.lora_B[adapter_name].weight.detach())
+    if cols is None:
+        cols = block_columns(layer.lora_B[adapter_name].weight.detach())
     if cols is not None:
-        _register_mask(layer, adapter_name, dict(enumerate(cols)))
+        _register_mask(layer, adapter_name, {i: c for i, c in enumerate(cols) if len(c)})
 
 
 def _register_mask(layer, adapter_name, cols):
@@ -638,6 +708,121 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# diffusers' own LoRA API on a fused model: `fuse_qkv` binds these on the transformer instance (and wraps the
+# Qwen pipelines' `save_lora_weights`), so LoRA files stay in the standard layout that stock tools read
+
+def _has_leaf(names, leaves):
+    return any(n.split(".lora_")[0].rsplit(".", 1)[-1] in leaves for n in names)
+
+
+def fused_load_lora_adapter(model, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False,
+                            **kwargs):
+    """diffusers' `load_lora_adapter` on a fused model (also what `pipe.load_lora_weights` calls).
+
+    A LoRA with standard q/k/v targets is built into the peft config diffusers would build on the stock model,
+    then converted exactly to the merged projections (block-diagonal B, kept so while training) and loaded
+    through diffusers' own loader. Anything it cannot express raises (DoRA, LoKr, unknown keys); nothing is
+    dropped. Without q/k/v targets this is diffusers' loader unchanged.
+    """
+    from diffusers.loaders.lora_base import _fetch_state_dict
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from diffusers.utils.peft_utils import _create_lora_config, get_adapter_name
+
+    fetch = {k: kwargs.pop(k, None) for k in ("weight_name", "use_safetensors", "local_files_only", "cache_dir",
+                                              "proxies", "token", "revision", "subfolder")}
+    state_dict, metadata = _fetch_state_dict(
+        pretrained_model_name_or_path_or_dict, force_download=kwargs.pop("force_download", False),
+        user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"}, allow_pickle=False,
+        metadata=kwargs.pop("metadata", None), **fetch)
+    ours = state_dict
+    if prefix is not None:
+        ours = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+    if not _has_leaf(ours, STANDARD):
+        return type(model).load_lora_adapter(model, state_dict, prefix=prefix, hotswap=hotswap, metadata=metadata,
+                                             **kwargs)
+    if metadata is not None and prefix is not None:
+        metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+    network_alphas = kwargs.pop("network_alphas", None)
+    if network_alphas and prefix is not None:
+        network_alphas = {k.removeprefix(f"{prefix}."): v for k, v in network_alphas.items()
+                          if k.startswith(f"{prefix}.")}
+    if "lora_A" not in next(iter(ours)):
+        ours = convert_unet_state_dict_to_peft(ours)
+    ranks = {f"^{k}": v.shape[1] for k, v in ours.items() if "lora_B" in k and v.ndim > 1}
+    # the config stock diffusers builds for this LoRA: every module's rank and scale come from it
+    config = _create_lora_config(ours, network_alphas, metadata, ranks).to_dict()
+    modules = apply_config(parse_lora(ours, model=model).modules, config)
+    merged = to_merged(modules)
+    _targets(model, merged)
+    adapter_name = kwargs.pop("adapter_name", None) or get_adapter_name(model)
+    if adapter_name in getattr(model, "peft_config", {}) and not hotswap:
+        raise ValueError(f"Adapter name {adapter_name} already in use in the model - please select a new adapter "
+                         f"name.")
+    _inject(model, merged, adapter_name, base_config=config, hotswap=hotswap, **kwargs)
+
+
+def fused_save_lora_adapter(model, save_directory, adapter_name="default", upcast_before_saving=False,
+                            safe_serialization=True, weight_name=None):
+    """diffusers' `save_lora_adapter` on a fused model: merged q/k/v LoRAs are written in the standard layout
+    (exactly: each part's own factors where B is block-diagonal, the shared A otherwise), with the LoraConfig
+    metadata that gives every module its scale."""
+    from diffusers.loaders.lora_base import LoraBaseMixin
+    from diffusers.utils.peft_utils import get_adapter_name
+
+    if adapter_name is None:
+        adapter_name = get_adapter_name(model)
+    if adapter_name not in getattr(model, "peft_config", {}):
+        raise ValueError(f"Adapter name {adapter_name} not found in the model.")
+    modules = lora_from_model(model, adapter_name)
+    if not _has_leaf(modules, STREAMS):
+        return type(model).save_lora_adapter(model, save_directory, adapter_name, upcast_before_saving,
+                                             safe_serialization, weight_name)
+    if upcast_before_saving:
+        modules = {n: dataclasses.replace(f, a=f.a.float(), b=f.b.float(),
+                                          bias=None if f.bias is None else f.bias.float())
+                   for n, f in modules.items()}
+    state_dict, config = peft_adapter(to_standard(modules), model.peft_config[adapter_name].to_dict())
+    # own contiguous tensors: the q/k/v parts are views of one merged B, which safetensors refuses
+    state_dict = {k: v.clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()}
+    LoraBaseMixin.write_lora_layers(state_dict, save_directory, is_main_process=True, weight_name=weight_name,
+                                    save_function=None, safe_serialization=safe_serialization,
+                                    lora_adapter_metadata=config if safe_serialization else None)
+
+
+def standard_lora_layers(state_dict, config=None):
+    """A peft LoRA state dict and its LoraConfig kwargs (None: diffusers' defaults, scale 1) with merged q/k/v
+    targets -> the same LoRA with standard targets, exactly: `(state_dict, config)`."""
+    modules = apply_config(parse_lora(state_dict).modules, dict(config or {}))
+    state_dict, config = peft_adapter(to_standard(modules), config)
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()}, config
+
+
+def wrap_pipeline_lora_saving():
+    """Make the Qwen pipelines' `save_lora_weights` (a classmethod: called with the state dict of
+    `get_peft_model_state_dict(fused_transformer)`, which has merged keys) write the standard layout."""
+    import inspect
+
+    from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
+
+    func = QwenImageLoraLoaderMixin.__dict__["save_lora_weights"].__func__
+    if getattr(func, "_qwen_fused", False):
+        return
+    signature = inspect.signature(func)
+
+    @functools.wraps(func)
+    def save_lora_weights(cls, *args, **kwargs):
+        bound = signature.bind(cls, *args, **kwargs)
+        layers = bound.arguments.get("transformer_lora_layers")
+        if isinstance(layers, dict) and _has_leaf(layers, STREAMS):
+            layers, config = standard_lora_layers(layers, bound.arguments.get("transformer_lora_adapter_metadata"))
+            bound.arguments.update(transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
+        return func(*bound.args, **bound.kwargs)
+
+    save_lora_weights._qwen_fused = True
+    QwenImageLoraLoaderMixin.save_lora_weights = classmethod(save_lora_weights)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # saving
 
 def lora_from_model(transformer_or_pipeline, adapter_name="default") -> dict:
@@ -651,12 +836,13 @@ def lora_from_model(transformer_or_pipeline, adapter_name="default") -> dict:
             continue
         if mod.use_dora.get(adapter_name) or adapter_name in getattr(mod, "lora_variant", {}):
             raise ValueError(f"{name}: adapter {adapter_name!r} is a LoRA variant (DoRA, ...); not saved as LoRA")
-        if getattr(mod.lora_B[adapter_name], "bias", None) is not None:
-            raise ValueError(f"{name}: adapter {adapter_name!r} has a LoRA bias; not representable in LoRA files")
         r = mod.r[adapter_name]
         scale = mod.lora_alpha[adapter_name] / (math.sqrt(r) if mod.use_rslora.get(adapter_name) else r)
-        modules[name] = LoraFactors(mod.lora_A[adapter_name].weight.detach(),
-                                    mod.lora_B[adapter_name].weight.detach(), scale * r)
+        bias = getattr(mod.lora_B[adapter_name], "bias", None)
+        mask = getattr(mod, "_qwen_fused_block_mask", {}).get(adapter_name)
+        cols = None if mask is None else [blk.any(0).nonzero().flatten() for blk in mask.chunk(3)]
+        modules[name] = LoraFactors(mod.lora_A[adapter_name].weight.detach(), mod.lora_B[adapter_name].weight.detach(),
+                                    scale * r, None if bias is None else bias.detach(), cols)
     if not modules:
         raise ValueError(f"the transformer has no LoRA adapter named {adapter_name!r}")
     return modules
@@ -688,6 +874,8 @@ def write_lora(modules, path, layout="diffusers", overwrite=False):
     kohya_like = _LAYOUT_KEYS.get(layout, ("", "lora_A", ""))[1] == "lora_down"
     tensors = _emit(modules, layout, with_alpha=kohya_like or layout != "diffusers")
     cfg = _config_kwargs(modules)
+    if any(f.bias is not None for f in modules.values()):
+        cfg["lora_bias"] = True
     meta = {"format": "pt", "layout": layout, "form": _form(modules), "rank": str(cfg["r"]),
             "alpha": repr(cfg["lora_alpha"]), "num_modules": str(len(modules)),
             "targets": json.dumps(sorted({re.sub(r"^transformer_blocks\.\d+\.", "", n) for n in modules}))}

@@ -12,11 +12,14 @@ def linear_lora_factors(proj: nn.Module):
     parts (None). A peft `lora.Linear` over a Linear matches peft's forward: adapters disabled or merged -> the
     base layer alone; otherwise its active adapters, several of them as one (A concatenated, B scaled by each
     adapter's scale and concatenated, scale 1). None (the caller then runs `proj(x)` itself) for anything
-    this cannot express exactly: dropout > 0, DoRA or other LoRA variants, LoRA bias, fan_in_fan_out, A and B
-    of different dtypes, or an unknown wrapper. LoRA weights in another dtype than the base (fp32 factors on a
+    this cannot express exactly: hooks on the module (diffusers' layerwise casting or group offloading,
+    accelerate's offload: its weights are right only inside its own forward), dropout > 0, DoRA or other LoRA
+    variants, LoRA bias, fan_in_fan_out, A and B of different dtypes, or an unknown wrapper. LoRA weights in another dtype than the base (fp32 factors on a
     bf16 model, as mixed-precision training keeps them) are fine: the op computes the LoRA part in the
     factors' dtype, as peft does, and adds it in fp32.
     """
+    if has_hooks(proj) or has_hooks(getattr(proj, "base_layer", None)):
+        return None
     if type(proj) is nn.Linear:
         return proj.weight, proj.bias, None, None, 1.0
     try:
@@ -47,3 +50,13 @@ def linear_lora_factors(proj: nn.Module):
     lora_a = torch.cat([proj.lora_A[a].weight for a in active])
     lora_b = torch.cat([proj.lora_B[a].weight * proj.scaling[a] for a in active], dim=1)
     return base.weight, base.bias, lora_a, lora_b, 1.0
+
+
+def has_hooks(module) -> bool:
+    """True when `module` carries forward hooks (torch's, diffusers' HookRegistry or accelerate's): its weights
+    are then only what its forward sees inside its own call."""
+    if module is None:
+        return False
+    registry = getattr(module, "_diffusers_hook", None)
+    return (bool(registry is not None and registry._hook_order) or hasattr(module, "_hf_hook")
+            or bool(module._forward_pre_hooks) or bool(module._forward_hooks))

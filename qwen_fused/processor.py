@@ -5,7 +5,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .kernels import fused_qkv, joint_qkv, qkv_epilogue, rope_tables
-from .lora_factors import linear_lora_factors
+from .lora_factors import has_hooks, linear_lora_factors
 
 
 def stream_rope(freqs):
@@ -24,14 +24,29 @@ def pos_embed_hook(module, args, output):
                  for f in output)
 
 
-def _stream(proj, x, nq, nk, cos, sin):
-    factors = linear_lora_factors(proj)
+def _stream(proj, x, norm_q, norm_k, cos, sin, heads):
+    """One stream's arguments for `joint_qkv`: the kernel's (weights, LoRA factors) where they are exactly what the
+    modules compute; otherwise `y` from the projection's own forward, for the epilogue alone."""
+    nq, nk = _weight(norm_q), _weight(norm_k)
+    hooked_norms = has_hooks(norm_q) or has_hooks(norm_k)
+    factors = None if hooked_norms else linear_lora_factors(proj)
     if factors is None:
-        # not expressible as W + s B A (dropout, DoRA, other wrappers): run the module as peft would
-        return dict(y=proj(x), norm_q=nq, norm_k=nk, cos=cos, sin=sin)
+        # not expressible as W + s B A (dropout, DoRA, hooks, other wrappers): run the module as peft would
+        y = proj(x)
+        if hooked_norms:  # group offloading or other hooks on the norms: they too run as their own modules
+            y, nq, nk = _normed_by_modules(y, norm_q, norm_k, heads), None, None
+        return dict(y=y, norm_q=nq, norm_k=nk, cos=cos, sin=sin)
     w, b, lora_a, lora_b, lora_scale = factors
     return dict(x=x, weight=w, bias=b, norm_q=nq, norm_k=nk, cos=cos, sin=sin, lora_a=lora_a, lora_b=lora_b,
                 lora_scale=lora_scale)
+
+
+def _normed_by_modules(y, norm_q, norm_k, heads):
+    """`y` [B, S, 3 H D] with q and k put through their norm modules (the stock processor's calls)."""
+    q, k, v = y.unflatten(-1, (3, heads, -1)).unbind(-3)
+    q = norm_q(q) if norm_q is not None else q
+    k = norm_k(k) if norm_k is not None else k
+    return torch.stack([q, k, v], dim=-3).flatten(-3)
 
 
 def _joint_qkv(txt, img, *, heads, eps):
@@ -79,10 +94,9 @@ class FusedQwenAttnProcessor:
         img_freqs, txt_freqs = image_rotary_emb if image_rotary_emb is not None else (None, None)
         heads = attn.heads
         eps = attn.norm_q.eps if attn.norm_q is not None else 1e-6
-        txt = _stream(attn.add_qkv_proj, encoder_hidden_states, _weight(attn.norm_added_q),
-                      _weight(attn.norm_added_k), *stream_rope(txt_freqs))
-        img = _stream(attn.to_qkv, hidden_states, _weight(attn.norm_q), _weight(attn.norm_k),
-                      *stream_rope(img_freqs))
+        txt = _stream(attn.add_qkv_proj, encoder_hidden_states, attn.norm_added_q, attn.norm_added_k,
+                      *stream_rope(txt_freqs), heads)
+        img = _stream(attn.to_qkv, hidden_states, attn.norm_q, attn.norm_k, *stream_rope(img_freqs), heads)
         query, key, value = _joint_qkv(txt, img, heads=heads, eps=eps)
 
         out = dispatch_attention_fn(

@@ -4,6 +4,15 @@ Same classes as the real checkpoints (stock diffusers pipelines, `QwenImageTrans
 `AutoencoderKLQwenImage`, `Qwen2_5_VLForConditionalGeneration`, `Qwen2Tokenizer`, `Qwen2VLProcessor`), only
 small: transformer 2 blocks of 3 heads x 16, VAE z_dim 4, text encoder 2 text + 2 vision layers of width 16,
 a byte-level tokenizer whose Qwen special tokens sit at their real ids. Nothing is downloaded.
+
+The one exception is the processor: the stock `Qwen2VLProcessor` needs torchvision (for its video processor),
+so the tiny pipelines use `ImageOnlyQwen2VLProcessor`, defined here. A saved tiny pipeline's `model_index.json`
+names this module for it, and diffusers imports no module a saved folder names, so load one after importing
+this module (`qwen_fused.train.load_pipeline` does that)::
+
+    import qwen_fused.tiny
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(path)
 """
 from __future__ import annotations
 
@@ -85,7 +94,8 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
     """`Qwen2VLProcessor` with no video processor (the stock one needs torchvision): images and text only.
 
     Module-level so that a saved tiny pipeline records `["qwen_fused.tiny", "ImageOnlyQwen2VLProcessor"]` in
-    its `model_index.json` and the stock `DiffusionPipeline.from_pretrained` loads it back.
+    its `model_index.json` and the stock `DiffusionPipeline.from_pretrained` loads it back in a process that
+    imported this module (see the module docstring).
     """
 
     @classmethod
@@ -123,8 +133,9 @@ def tiny_edit_pipeline(seed: int = 0, variant: str = "edit"):
 
 
 def save_tiny_pipeline(path, seed: int = 0, variant: str = "edit"):
-    """Build `tiny_edit_pipeline(seed, variant)` and `save_pretrained` it to `path` so that the stock
-    `DiffusionPipeline.from_pretrained(path)` loads it offline. Returns the in-memory pipeline."""
+    """Build `tiny_edit_pipeline(seed, variant)` and `save_pretrained` it to `path`, a folder the stock
+    `DiffusionPipeline.from_pretrained(path)` loads offline once this module is imported (module docstring).
+    Returns the in-memory pipeline."""
     pipe = tiny_edit_pipeline(seed, variant)
     pipe.save_pretrained(path, safe_serialization=True)
     return pipe

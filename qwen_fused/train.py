@@ -33,11 +33,10 @@ import warnings
 import torch
 
 from . import data as D
+from ._util import HelpFormatter
 
 
 DEFAULT_TARGETS = "to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,txt_mlp.net.2,txt_mod.1"
-STANDARD_TO_MERGED = {"to_q": "to_qkv", "to_k": "to_qkv", "to_v": "to_qkv",
-                      "add_q_proj": "add_qkv_proj", "add_k_proj": "add_qkv_proj", "add_v_proj": "add_qkv_proj"}
 CONDITION_AREA = 384 * 384  # what -2509/-2511 show the text encoder (pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE)
 DEAD_IN_LAST_BLOCK = ("attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,72 +59,101 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--max_pixels", type=int, default=1048576, help="largest image area; sides snapped to 32")
     g.add_argument("--condition_area", type=int, default=CONDITION_AREA,
                    help="-2509/-2511: pixel area of condition images shown to the text encoder")
-    g.add_argument("--dataset_repeat", type=int, default=1)
+    g.add_argument("--dataset_repeat", type=int, default=1, help="times each sample is used per epoch")
     g.add_argument("--cache", nargs="?", const="", default=None, metavar="DIR",
                    help="keep encoded samples (text embeddings, VAE latents) on disk and reuse them while the "
                         "inputs are unchanged (default folder: <output_dir>/cache)")
     g.add_argument("--train_batch_size", type=int, default=1, help="per process; batches are bucketed by size")
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora_rank", type=int, default=32)
+    g.add_argument("--lora_rank", type=int, default=32, help="rank of the trained LoRA")
     g.add_argument("--lora_alpha", type=float, default=None, help="default: the rank")
     g.add_argument("--lora_target_modules", default=DEFAULT_TARGETS,
-                   help="comma-separated; to_q/to_k/to_v/add_*_proj map to the merged to_qkv/add_qkv_proj")
+                   help="comma-separated module names; to_qkv/add_qkv_proj: one LoRA over the merged projection; "
+                        "to_q,to_k,to_v/add_*_proj: a LoRA each, as stock peft (block-diagonal on to_qkv)")
     g.add_argument("--lora_fused", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a pretrained LoRA (e.g. Lightning) merged into the base weights before training; repeatable")
     g.add_argument("--resume_from_checkpoint", metavar="DIR|latest",
                    help="a state/checkpoint-N folder, or 'latest' in --output_dir")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (after any warm-up)")
+    g.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--lr_scheduler", default="constant", help="diffusers get_scheduler name")
-    g.add_argument("--lr_warmup_steps", type=int, default=0)
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
-    g.add_argument("--num_epochs", type=int, default=1)
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="optimizer steps of learning-rate warm-up")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this; 0: no clipping")
+    g.add_argument("--num_epochs", type=int, default=1, help="passes over the (repeated) dataset")
     g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_epochs")
-    g.add_argument("--use_gradient_checkpointing", action="store_true")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--use_gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass: less memory, slower")
+    g.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, noise, timesteps and data order")
     g.add_argument("--weighting_scheme", default="none",
-                   choices=["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"])
-    g.add_argument("--logit_mean", type=float, default=0.0)
-    g.add_argument("--logit_std", type=float, default=1.0)
-    g.add_argument("--mode_scale", type=float, default=1.29)
+                   choices=["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"],
+                   help="timestep density and loss weighting (diffusers' training_utils)")
+    g.add_argument("--logit_mean", type=float, default=0.0, help="mean of the logit_normal timestep density")
+    g.add_argument("--logit_std", type=float, default=1.0, help="std of the logit_normal timestep density")
+    g.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode timestep density")
     g = p.add_argument_group("output")
     g.add_argument("--output_dir", help="default with --demo: a new temp folder")
     g.add_argument("--overwrite", action="store_true", help="allow an output folder that holds another run")
-    g.add_argument("--save_steps", type=int, default=500)
+    g.add_argument("--save_steps", type=int, default=500,
+                   help="save the LoRA files and a resumable state every N optimizer steps")
     g.add_argument("--no_standard_layout", action="store_true", help="skip the standard-layout LoRA copies")
-    g.add_argument("--report_to", default=None, help="e.g. tensorboard")
+    g.add_argument("--report_to", default=None, metavar="TRACKER[,TRACKER]",
+                   help="log to tensorboard, wandb, ... (accelerate's trackers; logs in <output_dir>/logs); the "
+                        "tracker's package must be installed (tensorboard: the train extra)")
     g.add_argument("--validation_image", action="append", default=[], help="condition image(s) for validation")
-    g.add_argument("--validation_prompt", default=None)
+    g.add_argument("--validation_prompt", default=None, help="prompt for --validation_image")
     g.add_argument("--validation_steps", type=int, default=None, help="default: --save_steps")
-    g.add_argument("--validation_inference_steps", type=int, default=20)
+    g.add_argument("--validation_inference_steps", type=int, default=20, help="denoising steps of a validation edit")
     g.add_argument("--demo", action="store_true",
-                   help="tiny random Qwen-Image-Edit + synthetic data in a temp folder, a few CPU steps, offline")
-    g.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511"])
+                   help="tiny random Qwen-Image-Edit + synthetic data in a temp folder, a few CPU steps, offline "
+                        "(rank, steps, image size and save interval default smaller)")
+    g.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511"],
+                   help="the --demo model: Qwen-Image-Edit, -2509 or -2511")
     return p
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser("train", help="LoRA training of Qwen-Image-Edit on the fused transformer",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
-def parse_lora_spec(spec: str):
-    """'path' or 'path:scale' -> (path, scale)."""
+def parse_lora_spec(spec: str, flag: str = "--lora"):
+    """'path' or 'path:scale' -> (path, scale), for every PATH[:SCALE] option (`flag` names it in errors).
+    An existing `spec` is a path even if it holds ':'."""
     path, _, scale = spec.rpartition(":")
     if path and not os.path.exists(spec):
         try:
             return path, float(scale)
         except ValueError:
-            pass
+            if os.path.exists(path):  # else the caller reports `spec` as missing
+                raise ValueError(f"bad scale '{scale}' in {flag} {spec} (expected PATH or PATH:SCALE)") from None
     return spec, 1.0
+
+
+def check_report_to(spec):
+    """--report_to -> accelerate's `log_with`. accelerate skips a tracker whose package is missing with a warning
+    and the run then trains without logs: that is an error here, before anything is loaded."""
+    if not spec:
+        return None
+    from accelerate.tracking import get_available_trackers  # the list accelerate itself filters by
+    from accelerate.utils import LoggerType
+
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    available = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LoggerType.list():
+            raise ValueError(f"--report_to {name}: unknown tracker; choose from {', '.join(LoggerType.list())}")
+        if name != "all" and name not in available:
+            extra = " (it is in the train extra: pip install 'qwen-fused[train]')" if name == "tensorboard" else ""
+            raise ValueError(f"--report_to {name}: the {name} package is not installed; pip install {name}{extra}")
+    return names
 
 
 def stock_targets(targets):
@@ -140,20 +168,14 @@ def stock_targets(targets):
 
 
 def lora_targets(spec: str) -> list[str]:
-    names, mapped = [], []
+    """`--lora_target_modules` as a list. Names mean what they mean to peft on the stock model: to_q/to_k/to_v
+    (add_*_proj) are three LoRAs, trained on the fused model as one block-diagonal LoRA over to_qkv
+    (`qwen_fused.add_lora`, the same model as stock peft); to_qkv/add_qkv_proj is one LoRA over the merged
+    projection (one A shared by q, k and v)."""
+    names = []
     for name in (s.strip() for s in spec.split(",")):
-        if not name:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in STANDARD_TO_MERGED:
-            mapped.append(name)
-            name = name[: len(name) - len(leaf)] + STANDARD_TO_MERGED[leaf]
-        if name not in names:
+        if name and name not in names:
             names.append(name)
-    if mapped:
-        warnings.warn(f"LoRA targets {', '.join(mapped)} are q/k/v parts; training the merged "
-                      f"{', '.join(sorted({STANDARD_TO_MERGED[m.rsplit('.', 1)[-1]] for m in mapped}))} instead "
-                      f"(one LoRA over the merged projection; its standard-layout export has to_q/to_k/to_v)")
     if not names:
         raise ValueError("--lora_target_modules is empty")
     return names
@@ -232,28 +254,74 @@ def edit_variant(pipe) -> str:
 
 
 def load_pipeline(path, dtype=torch.float32):
-    """The stock pipeline from a diffusers folder or hub id (`DiffusionPipeline.from_pretrained`)."""
+    """The stock pipeline from a diffusers folder, a Hub id or the Hugging Face cache, resolved as
+    `DiffusionPipeline.from_pretrained` resolves them. A name found nowhere is a FileNotFoundError that says
+    what was tried."""
     from diffusers import DiffusionPipeline
 
     from . import tiny  # noqa: F401  (defines the tiny pipelines' processor class, so saved ones load too)
 
-    if os.path.sep in str(path) and not os.path.isdir(path):
+    path = os.fspath(path)
+    if not os.path.isdir(path) and _looks_local(path):
         raise FileNotFoundError(f"model folder {path} does not exist")
     from diffusers.utils import deprecation_utils
 
     # diffusers renamed torch_dtype to dtype (0.42: `_resolve_dtype`); older releases know torch_dtype only
     key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-    pipe = DiffusionPipeline.from_pretrained(path, **{key: dtype})
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, **{key: dtype})
+    except OSError as e:
+        if os.path.isdir(path) or _cached(path):  # found, but broken: diffusers' own error says how
+            raise
+        raise FileNotFoundError(_not_found(path, e)) from e
     edit_variant(pipe)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def _looks_local(name) -> bool:
+    """A path, not a Hub id: no valid `[org/]name` id (/x, ./x, ~/x, a/b/c and C:\\x all are not)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _cached(repo_id) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+
+
+def _not_found(repo_id, error) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    # diffusers reports a Hub it could not ask as "not cached", with the Hub's own error as the cause
+    cause = error.__cause__ or error
+    why = (str(cause).splitlines() or [""])[0]
+    if constants.HF_HUB_OFFLINE:
+        hub = "the Hub was not asked (offline: HF_HUB_OFFLINE is set)"
+    elif isinstance(cause, HfHubHTTPError):
+        hub = f"the Hub answered: {why}"
+    else:
+        hub = f"the Hub is not reachable ({type(cause).__name__}: {why})"
+    return (f"model {repo_id} not found: no local folder {os.path.abspath(repo_id)}; not in the Hugging Face "
+            f"cache at {constants.HF_HUB_CACHE}; {hub}")
+
+
 def add_training_lora(transformer, rank, alpha, targets, init="gaussian"):
-    """A peft adapter "default" on `targets` (merged names on a fused model: to_qkv is a plain Linear)."""
+    """A peft adapter "default" on `targets` through `transformer.add_adapter`, which on a fused model takes
+    merged names as they are and maps standard q/k/v names (see `lora_targets`)."""
     from peft import LoraConfig
 
+    from .fuse import STREAMS
+
     existing = {n.rsplit(".", 1)[-1] for n, _ in transformer.named_modules()}
+    existing |= {std for merged, stds in STREAMS.items() if merged in existing for std in stds}
     missing = [t for t in targets if t.split(".")[0] not in existing]
     if missing:
         raise ValueError(f"LoRA target modules not in this transformer: {', '.join(missing)}")
@@ -291,45 +359,10 @@ def set_lora_state(transformer, state):
 
 
 def enable_fp8_base(transformer, compute_dtype):
-    """Frozen linear weights stored as float8_e4m3fn, upcast to `compute_dtype` around each use.
-
-    diffusers' `enable_layerwise_casting` hooks each Linear's own forward. The fused processor reads
-    `to_qkv.weight` / `add_qkv_proj.weight` without calling those Linears, so the attention module itself
-    runs their casting hooks before and after it (same hook objects: same cast, same storage).
-    """
-    from diffusers.hooks import HookRegistry
-
+    """Frozen linear weights stored as float8_e4m3fn, upcast to `compute_dtype` around each use: diffusers'
+    `enable_layerwise_casting`, as on a stock model (the fused processor runs hooked projections through
+    their own forward, so the casting hooks apply to to_qkv / add_qkv_proj as to any Linear)."""
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-    from .fuse import STREAMS, is_fused
-
-    if not is_fused(transformer):
-        return transformer
-
-    def casting_hooks(attn):
-        hooks = []
-        for name in STREAMS:
-            proj = getattr(attn, name)
-            proj = getattr(proj, "base_layer", proj)
-            registry = getattr(proj, "_diffusers_hook", None) or HookRegistry.check_if_exists_or_initialize(proj)
-            hook = registry.get_hook("layerwise_casting")
-            if hook is not None:
-                hooks.append((proj, hook))
-        return hooks
-
-    for block in transformer.transformer_blocks:
-        hooks = casting_hooks(block.attn)
-
-        def pre(module, args, kwargs, hooks=hooks):
-            for proj, hook in hooks:
-                hook.pre_forward(proj)
-
-        def post(module, args, kwargs, output, hooks=hooks):
-            for proj, hook in hooks:
-                hook.post_forward(proj, None)
-            return output
-
-        block.attn.register_forward_pre_hook(pre, with_kwargs=True)
-        block.attn.register_forward_hook(post, with_kwargs=True)
     return transformer
 
 
@@ -424,7 +457,9 @@ def build_dataset(args, pipe, accelerator, records):
         items = keys
     else:
         cache = None
-        items = [encode_sample(pipe, r, p, device) for r, p in zip(records, _progress(plans, accelerator, "encoding samples"))]
+        # the bar is the loop itself: zip() would stop on `records` before the bar's last step (n-1 of n)
+        items = [encode_sample(pipe, records[i], plans[i], device)
+                 for i in _progress(range(len(records)), accelerator, "encoding samples")]
     pipe.text_encoder.to("cpu")
     pipe.vae.to("cpu")
     return D.EncodedDataset(items, [p.bucket for p in plans], repeat=args.dataset_repeat, cache=cache)
@@ -475,11 +510,50 @@ def resolve_resume(args):
                        if d.startswith("checkpoint-") and d.split("-")[1].isdigit()) if os.path.isdir(folder) else []
         if not steps:
             raise ValueError(f"--resume_from_checkpoint latest: no state/checkpoint-N folder in {args.output_dir}")
-        return os.path.join(folder, f"checkpoint-{steps[-1]}")
-    path = args.resume_from_checkpoint
-    if not os.path.isfile(os.path.join(path, "train_state.json")):
-        raise ValueError(f"--resume_from_checkpoint {path} is not a training state folder (no train_state.json)")
+        path = os.path.join(folder, f"checkpoint-{steps[-1]}")
+    else:
+        path = args.resume_from_checkpoint
+        if not os.path.isfile(os.path.join(path, "train_state.json")):
+            raise ValueError(f"--resume_from_checkpoint {path} is not a training state folder (no train_state.json)")
+    check_resume_settings(args, path)
     return path
+
+
+# what decides the model and the shape of its LoRA: a resumed run must have them as its checkpoint was trained
+# (precision, optimisation and data settings may change, e.g. to fit another card)
+MODEL_SETTINGS = ("pretrained_model_name_or_path", "no_fuse", "lora_fused", "lora_rank", "lora_alpha",
+                  "lora_target_modules")
+
+
+def _model_setting(name, settings: dict) -> str:
+    """One of MODEL_SETTINGS from a run's arguments, as the model sees it (alpha: the rank when not given;
+    targets: a set of names; --lora_fused: path and scale)."""
+    value = settings[name]
+    if name == "lora_alpha":
+        return str(float(value if value is not None else settings["lora_rank"]))
+    if name == "lora_target_modules":
+        return ",".join(sorted(lora_targets(value)))
+    if name == "lora_fused":
+        return ",".join(f"{p}:{s:g}" for p, s in (parse_lora_spec(v, "--lora_fused") for v in value))
+    return str(value)
+
+
+def check_resume_settings(args, checkpoint):
+    """Compare with the run.json of the run that wrote `checkpoint` (<run>/state/checkpoint-N)."""
+    record = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "run.json")
+    if not os.path.isfile(record):
+        return  # a state folder moved out of its run: nothing to compare with
+    with open(record) as f:
+        recorded = json.load(f)
+    names = [n for n in MODEL_SETTINGS if n in recorded]
+    if args.demo and recorded.get("demo"):  # --demo makes its tiny model in a new temp folder on every run
+        names = ["demo_variant" if n == "pretrained_model_name_or_path" else n for n in names]
+    pairs = [(n, _model_setting(n, vars(args)), _model_setting(n, recorded)) for n in names]
+    differ = [f"--{n} {now} (checkpoint: {then})" for n, now, then in pairs if now != then]
+    if differ:
+        raise ValueError(f"--resume_from_checkpoint {checkpoint} was trained with other model settings ({record}): "
+                         f"{'; '.join(differ)}. Resume with the checkpoint's settings, or train into a new "
+                         f"--output_dir")
 
 
 def save_lora_files(state, output_dir, name, standard=True):
@@ -588,14 +662,34 @@ class NonFiniteLoss(RuntimeError):
 def run(args) -> int:
     if args.demo:
         args = demo_args(args)
-    for flag in ("pretrained_model_name_or_path", "dataset_base_path", "dataset_metadata_path", "output_dir"):
-        if not getattr(args, flag):
-            raise SystemExit(f"qwen-fused train: --{flag} is required (or use --demo)")
+    missing = [f"--{flag}" for flag in ("pretrained_model_name_or_path", "dataset_base_path", "dataset_metadata_path",
+                                        "output_dir") if not getattr(args, flag)]
+    made = _first_missing_folder(args.output_dir) if args.output_dir else None
     try:
+        if missing:
+            raise ValueError(f"the following arguments are required: {', '.join(missing)} (or use --demo)")
         return train(args)
     except (D.DataError, NonFiniteLoss, ValueError, FileNotFoundError) as e:
         print(f"qwen-fused train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        # a run that stops before it starts training (run.json) removes the folders it made: nothing in them is a
+        # result yet, and a half-made output folder would only be in the way of the next try
+        if made and os.path.isdir(made) and not os.path.exists(os.path.join(args.output_dir, "run.json")):
+            from accelerate import PartialState
+
+            if PartialState().is_main_process:  # the one that made them (check_output_dir)
+                shutil.rmtree(made, ignore_errors=True)
+
+
+def _first_missing_folder(path):
+    """The outermost folder of `path` that does not exist yet (what `os.makedirs(path)` would make first)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return None
+    while not os.path.exists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
 
 
 def train(args) -> int:
@@ -609,7 +703,7 @@ def train(args) -> int:
     # all input checks before any model is loaded
     records = D.read_metadata(args.dataset_base_path, args.dataset_metadata_path)
     targets = lora_targets(args.lora_target_modules)
-    fused_loras = [parse_lora_spec(s) for s in args.lora_fused]
+    fused_loras = [parse_lora_spec(s, "--lora_fused") for s in args.lora_fused]
     for path, _ in fused_loras:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--lora_fused {path} does not exist")
@@ -617,10 +711,11 @@ def train(args) -> int:
         D.open_rgb(p, "--validation_image")
     if args.validation_image and not args.validation_prompt:
         raise ValueError("--validation_image needs --validation_prompt")
+    trackers = check_report_to(args.report_to)
 
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
+        log_with=trackers,
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, "logs")),
     )
@@ -814,15 +909,20 @@ def demo_args(args):
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
+    from ._util import scratch_folder
     from .tiny import save_tiny_pipeline
 
     # under a multi-process launch the main process builds, the others use its folder; `cpu` as Accelerator
     # reads it, so that both see the same distributed set-up (torchrun on CPU: ACCELERATE_USE_CPU=1)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    work = [tempfile.mkdtemp(prefix="qwen-fused-demo-") if state.is_main_process else None]
+    # the tiny model and data only feed this run: they go when the main process exits; the output stays
+    folders = [None, None]
+    if state.is_main_process:
+        folders = [scratch_folder("qwen-fused-demo-"),
+                   args.output_dir or tempfile.mkdtemp(prefix="qwen-fused-demo-output-")]
     if state.num_processes > 1:
-        broadcast_object_list(work)
-    work = work[0]
+        broadcast_object_list(folders)
+    work, args.output_dir = folders
     model_path, data_path = os.path.join(work, "model"), os.path.join(work, "data")
     if state.is_main_process:
         if not args.pretrained_model_name_or_path:
@@ -835,7 +935,6 @@ def demo_args(args):
         args.dataset_base_path = data_path
         args.dataset_metadata_path = os.path.join(data_path, "metadata.csv" if args.demo_variant == "edit"
                                                   else "metadata.json")
-    args.output_dir = args.output_dir or os.path.join(work, "output")
     if args.max_train_steps is None:
         args.max_train_steps = 8
     if args.max_pixels == 1048576:
@@ -845,13 +944,13 @@ def demo_args(args):
     if args.save_steps == 500:
         args.save_steps = 4
     if state.is_main_process:
-        print(f"demo: tiny model and data in {work}; output in {args.output_dir}")
+        print(f"demo: tiny model and data in {work} (removed at exit); output in {args.output_dir}")
     return args
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="qwen_fused.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -61,10 +61,18 @@ def test_cpu_run_verifies_then_times(cpu_run):
         assert any(k.startswith("grad.") and "to_qkv.lora_B" in k for k in ours["errors"])  # LoRA grads checked
         assert ours["ms"] > 0 and ours["p20"] <= ours["ms"] <= ours["p80"]
         assert ours["vs_stock"] == pytest.approx(stock["ms"] / ours["ms"])
-    op = cpu_run["cases"][0]
-    assert op["providers"]["gemm"]["status"] == "ceiling" and op["providers"]["gemm"]["ms"] > 0
-    assert op["floor_ms"] > 0 and op["flops"] > 0
-    assert cpu_run["cases"][1]["providers"]["gemm"]["status"] == "unavailable"
+    assert cpu_run["cases"][0]["flops"] > 0
+    # a CPU run is a smoke run: no measured ceilings, so no floors and no bare-GEMM "ceiling" to compare with
+    assert cpu_run["smoke"] and cpu_run["ceilings"] is None
+    for case in cpu_run["cases"]:
+        assert "floor_ms" not in case and case["providers"]["gemm"]["status"] == "unavailable"
+    assert "gemm" not in registry.select_providers(cuda=False)
+
+
+def test_cpu_run_is_labelled_a_smoke_run(cpu_run):
+    for text in (report.markdown(cpu_run), report.terminal_table(cpu_run)):
+        assert "smoke run" in text and "not a measurement" in text
+        assert "floor" not in text and "TFLOP" not in text
 
 
 def _broken_ours(w):
@@ -106,11 +114,12 @@ def test_cli_writes_json_markdown_chart(tmp_path, capsys):
     assert not (tmp_path / "results").exists()  # CPU runs never go into the per-GPU results
     out = capsys.readouterr()
     assert "GPU numbers need a GPU" in out.err
+    assert "smoke run" in out.err and "TFLOP/s" not in out.err
 
 
 def _gpu_record(cpu_run, gpu, stock_ms, ours_ms):
     rec = copy.deepcopy(cpu_run)
-    rec.update(gpu=gpu, device=gpu, tiny=False)
+    rec.update(gpu=gpu, device=gpu, tiny=False, smoke=False)
     for case in rec["cases"]:
         case["providers"]["stock"]["ms"], case["providers"]["ours-torch"]["ms"] = stock_ms, ours_ms
         for p in case["providers"].values():
@@ -163,3 +172,10 @@ def test_recorded_command_line_hides_the_folders_written_to():
     argv = ["bench", "--quick", "--out", "/somewhere/out", "--results-dir=/else/results", "--cases", "op/*"]
     assert runner._public_argv(argv) == ["bench", "--quick", "--out", "<path>", "--results-dir=<path>",
                                          "--cases", "op/*"]
+
+
+def test_unusable_device_is_an_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch, on any machine
+    assert cli_main(["bench", "--cases", "op/train-512/b1/fwd", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "qwen-fused bench: error: --device cuda: no cuda device available" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -26,3 +26,12 @@ def test_check_fails_when_fused_is_worse(monkeypatch):
     assert not ok
     assert any(not good for *_, good in rows)
     assert "WORSE" in check.format_table(rows)
+
+
+def test_unusable_device_is_an_error_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch, on any machine
+    assert main(["check", "--device", "cuda", "--no-real-width"]) == 2
+    err = capsys.readouterr().err
+    assert "qwen-fused check: error: --device cuda: no cuda device available" in err and "--device cpu" in err
+    assert main(["check", "--device", "gpu", "--no-real-width"]) == 2
+    assert "qwen-fused check: error: --device gpu: not a device name" in capsys.readouterr().err

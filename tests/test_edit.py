@@ -1,4 +1,7 @@
 """`qwen-fused edit`: demo run, fused == stock (--no-fuse) with and without a LoRA, bad input."""
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -81,6 +84,52 @@ def test_area_sets_default_size():
     assert out.shape[-2:] == (32, 96)  # calculate_dimensions(64 * 64, 2.0): 96 x 32
 
 
+def test_true_cfg_only_with_negative_prompt(model, image, tmp_path):
+    """Without --negative_prompt there is no true CFG, and diffusers is not handed a scale it would ignore with a
+    warning on every run; the image is the one without CFG. With one, the pipeline's own scale applies."""
+    import logging
+
+    class Grab(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    def edit(out, *extra):  # as `_edit`, but leaving --true_cfg_scale to its default
+        return main(["edit", "--model", model, "--image", image, "--image", image, "--prompt", "make it red",
+                     "--steps", "2", "--height", "32", "--width", "32", "--area", "4096", "--output", str(tmp_path / out), *extra])
+
+    grab, logger = Grab(), logging.getLogger("diffusers")  # diffusers' loggers stop there (no propagation)
+    level = logger.level
+    logger.addHandler(grab)
+    logger.setLevel(logging.WARNING)
+    try:
+        assert edit("plain.png") == 0
+        assert edit("neg.png", "--negative_prompt", "blue") == 0
+    finally:
+        logger.removeHandler(grab)
+        logger.setLevel(level)
+    assert not [m for m in grab.messages if "guidance" in m], grab.messages
+    assert _edit(model, image, tmp_path / "no_cfg.png") == 0  # --true_cfg_scale 1
+    assert np.array_equal(_pixels(tmp_path / "plain.png"), _pixels(tmp_path / "no_cfg.png"))
+    assert edit("neg4.png", "--negative_prompt", "blue", "--true_cfg_scale", "4") == 0
+    assert np.array_equal(_pixels(tmp_path / "neg.png"), _pixels(tmp_path / "neg4.png"))
+    # CFG took effect (the tiny random model's prompts move few pixels; runs on CPU in fp32 repeat exactly)
+    assert not np.array_equal(_pixels(tmp_path / "neg.png"), _pixels(tmp_path / "plain.png"))
+
+
+def test_help_shows_defaults_and_every_flag_has_help():
+    from test_train import assert_every_flag_has_help, help_entries, subcommand_parser
+
+    _, edit = subcommand_parser("edit")
+    assert_every_flag_has_help(edit)
+    lines = help_entries(edit)
+    assert "(default: 50)" in lines["--steps"] and "(default: 0)" in lines["--seed"]
+    assert "4.0" in lines["--true_cfg_scale"] and "--negative_prompt" in lines["--true_cfg_scale"]
+
+
 @pytest.mark.parametrize("case,needle", [
     ("missing_image", "cannot read image"),
     ("empty_prompt", "--prompt is empty"),
@@ -88,6 +137,7 @@ def test_area_sets_default_size():
     ("missing_lora", "--lora"),
     ("no_model", "does not exist"),
     ("unwritable", "not a writable folder"),
+    ("bad_scale", "bad scale 'abc' in --lora "),
 ])
 def test_bad_input(case, needle, model, image, tmp_path, capsys):
     args = ["edit", "--model", model, "--image", image, "--prompt", "x", "--output", str(tmp_path / "o.png")]
@@ -103,7 +153,30 @@ def test_bad_input(case, needle, model, image, tmp_path, capsys):
         args[2] = str(tmp_path / "no_model")
     elif case == "unwritable":
         args[-1] = str(tmp_path / "no_folder" / "o.png")
+    elif case == "bad_scale":  # an existing file and a scale that is not a number
+        args += ["--lora", f"{image}:abc"]
     assert main(args) == 2
     assert needle in capsys.readouterr().err
     if case == "output_exists":
         assert (tmp_path / "o.png").read_bytes() == b"keep me"
+
+
+def test_unusable_device_is_an_error_line(model, image, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only torch, on any machine
+    assert main(["edit", "--model", model, "--image", image, "--prompt", "x", "--output", str(tmp_path / "o.png"),
+                 "--device", "cuda"]) == 2
+    assert "qwen-fused edit: error: --device cuda: no cuda device available" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_demo_leaves_nothing_in_temp(tmp_path):
+    """The demo's tiny model and input image (~36 MB) go when the command ends; the output image stays."""
+    temp, out = tmp_path / "temp", tmp_path / "demo.png"
+    temp.mkdir()
+    res = subprocess.run([sys.executable, "-m", "qwen_fused.cli", "edit", "--demo", "--steps", "1", "--output",
+                          str(out)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TMPDIR=str(temp)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert str(temp) in res.stdout  # the demo did use this temp folder
+    assert Image.open(out).size == (32, 32)
+    assert not list(temp.iterdir())

@@ -86,3 +86,28 @@ def test_call_pipeline_stock_area_is_stock():
     got = call_pipeline(pipe, area=STOCK_AREA, condition_area=384 * 384, generator=torch.Generator().manual_seed(0),
                         **kw).images
     assert torch.equal(ref, got)
+
+
+@pytest.mark.slow
+def test_saved_pipeline_loads_in_a_fresh_process_as_documented(tmp_path):
+    """The loading code in tiny.py's docstring runs as written in a process that imported nothing else; without
+    its import, diffusers itself says which module to import."""
+    import re
+    import subprocess
+    import sys
+
+    import qwen_fused.tiny
+
+    doc_code = re.search(r"::\n\n((?:    .*\n)+)", qwen_fused.tiny.__doc__)
+    assert doc_code, "tiny.py's docstring shows how to load a saved tiny pipeline"
+    code = "\n".join(line[4:] for line in doc_code.group(1).splitlines())
+    save_tiny_pipeline(tmp_path / "tiny", variant="2509")
+
+    def run(code):
+        return subprocess.run([sys.executable, "-c", f"path = {str(tmp_path / 'tiny')!r}\n{code}\n"
+                               "print(type(pipe).__name__)"], capture_output=True, text=True, timeout=300)
+
+    res = run(code)
+    assert res.returncode == 0 and "QwenImageEditPlusPipeline" in res.stdout, res.stderr[-3000:]
+    plain = run("\n".join(line for line in code.splitlines() if "qwen_fused" not in line))
+    assert plain.returncode != 0 and "import qwen_fused.tiny" in plain.stderr

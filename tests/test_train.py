@@ -439,6 +439,7 @@ def _meta(folder, rows, name="meta.csv", columns=("image", "edit_image", "prompt
     ("bad_json", "cannot read metadata"),
     ("other_run", "holds another run"),
     ("bad_lora", "--lora_fused"),
+    ("bad_scale", "bad scale 'abc' in --lora_fused "),
 ])
 def test_bad_input(case, needle, tiny_models, csv_data, tmp_path, capsys):
     base, meta = csv_data
@@ -469,6 +470,8 @@ def test_bad_input(case, needle, tiny_models, csv_data, tmp_path, capsys):
         (out / "run.json").write_text("{}")
     elif case == "bad_lora":
         extra = ["--lora_fused", str(tmp_path / "missing.safetensors:0.5")]
+    elif case == "bad_scale":  # an existing file and a scale that is not a number
+        extra = ["--lora_fused", f"{meta}:abc"]
     code = run_train(tiny_models["edit"], (base, meta), out, *extra)
     err = capsys.readouterr().err
     assert code == 2 and needle in err, err
@@ -481,6 +484,190 @@ def test_lora_that_does_not_fit(tiny_models, csv_data, tmp_path, capsys):
                "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(48, 2)}, bad)
     assert run_train(tiny_models["edit"], csv_data, tmp_path / "out", "--lora_fused", bad) == 2
     assert "do not fit" in capsys.readouterr().err
+
+
+class ModelLoaded(Exception):
+    """Raised by a patched `load_pipeline`: the run got past its input checks."""
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def load(*a, **k):
+        raise ModelLoaded
+
+    monkeypatch.setattr(T, "load_pipeline", load)
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_report_to_without_package(tracker, tiny_models, csv_data, tmp_path, monkeypatch, no_model_load, capsys):
+    """A tracker whose package is missing: accelerate only warns and trains without logs; this must be an error
+    before any model loads. The package is made unavailable where accelerate looks for it."""
+    import accelerate.tracking
+
+    monkeypatch.setattr(accelerate.tracking, "_available_trackers", [])
+    out = tmp_path / "out"
+    assert run_train(tiny_models["edit"], csv_data, out, "--report_to", tracker) == 2
+    err = capsys.readouterr().err
+    assert f"qwen-fused train: error: --report_to {tracker}" in err and f"pip install {tracker}" in err, err
+    if tracker == "tensorboard":
+        assert "qwen-fused[train]" in err
+    assert not os.path.exists(out)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_models, csv_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert run_train(tiny_models["edit"], csv_data, out, "--max_train_steps", "2") == 0
+    return out
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--lora_rank", "8"], "--lora_rank 8 (checkpoint: 4)"),
+    (["--lora_alpha", "2"], "--lora_alpha 2.0 (checkpoint: 4.0)"),
+    (["--lora_target_modules", "to_qkv"], "--lora_target_modules to_qkv (checkpoint: "),
+    (["--no_fuse"], "--no_fuse True (checkpoint: False)"),
+    (["--lora_alpha", "4", "--lora_target_modules", ", ".join(reversed(T.DEFAULT_TARGETS.split(","))) + ",to_qkv"],
+     None),
+], ids=["rank", "alpha", "targets", "no_fuse", "same_model"])
+def test_resume_with_other_settings(extra, needle, trained_run, tiny_models, csv_data, tmp_path, no_model_load,
+                                    capsys):
+    """Settings that shape the model or its LoRA must match the checkpoint's run (its run.json): a clear error
+    before any model loads, naming each difference. The same model spelled differently (alpha = the rank, the
+    targets in another order) resumes."""
+    out = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(trained_run, out)
+    resume = ["--resume_from_checkpoint", "latest", *extra]
+    if needle is None:
+        with pytest.raises(ModelLoaded):
+            run_train(tiny_models["edit"], csv_data, out, *resume)
+        return
+    assert run_train(tiny_models["edit"], csv_data, out, *resume) == 2
+    err = capsys.readouterr().err
+    assert "qwen-fused train: error: --resume_from_checkpoint" in err and needle in err, err
+
+
+def test_encoding_progress_reaches_total(tiny_models, csv_data, monkeypatch):
+    """The "encoding samples" bar ends at n/n (it stopped at n-1 when zip() stopped before its last step)."""
+    import argparse
+
+    import tqdm.auto
+    from accelerate import Accelerator
+
+    bars = []
+
+    class Recorder(tqdm.auto.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    records = D.read_metadata(*csv_data)
+    args = argparse.Namespace(max_pixels=4096, condition_area=T.CONDITION_AREA, cache=None, dataset_repeat=1)
+    T.build_dataset(args, T.load_pipeline(tiny_models["edit"]), Accelerator(cpu=True), records)
+    assert [(b.n, b.total) for b in bars if b.desc == "encoding samples"] == [(2, 2)]
+
+
+def _unfit_lora(path):
+    save_file({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 99),
+               "transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(48, 2)}, path)
+    return path
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("corrupt_image", "cannot read image"),
+    ("bad_target", "not in this transformer"),
+    ("bad_lora_fused", "do not fit"),
+    ("users_folder", "not in this transformer"),
+])
+def test_failed_start_leaves_no_output_dir(case, needle, tiny_models, csv_data, tmp_path, capsys):
+    """A run that fails after making its output folder but before training removes that folder again; a folder
+    that was there before (here holding a file of the user's) is kept as it was."""
+    base, meta = csv_data
+    out = tmp_path / "out"
+    extra = []
+    if case == "corrupt_image":
+        data = tmp_path / "data"
+        (data / "images").mkdir(parents=True)
+        (data / "images" / "broken.png").write_bytes(b"\x89PNG not really")
+        (data / "images" / "ok.png").write_bytes(open(os.path.join(base, "images", "0_edit0.png"), "rb").read())
+        base, meta = str(data), _meta(str(data), [{"image": "images/broken.png", "edit_image": "images/ok.png",
+                                                   "prompt": "x"}])
+    elif case in ("bad_target", "users_folder"):
+        extra = ["--lora_target_modules", "to_qkv,no_such_module"]
+    elif case == "bad_lora_fused":
+        extra = ["--lora_fused", _unfit_lora(str(tmp_path / "big.safetensors"))]
+    if case == "users_folder":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    assert run_train(tiny_models["edit"], (base, meta), out, *extra) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+    if case == "users_folder":
+        assert sorted(os.listdir(out)) == ["notes.txt"]
+    else:
+        assert not os.path.exists(out), os.listdir(out)
+
+
+@pytest.mark.parametrize("argv,missing", [
+    ([], ["--pretrained_model_name_or_path", "--dataset_base_path", "--dataset_metadata_path", "--output_dir"]),
+    (["--pretrained_model_name_or_path", "m", "--dataset_base_path", "d", "--dataset_metadata_path", "d/m.csv"],
+     ["--output_dir"]),
+], ids=["no_arguments", "no_output_dir"])
+def test_missing_required_arguments(argv, missing, capsys):
+    from qwen_fused.cli import main
+
+    assert main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"qwen-fused train: error: the following arguments are required: {', '.join(missing)}" in err, err
+
+
+def subcommand_parser(name):
+    import argparse
+
+    from qwen_fused.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices[name]
+
+
+def assert_every_flag_has_help(parser):
+    bare = [a.option_strings[0] if a.option_strings else a.dest for a in parser._actions if not a.help]
+    assert not bare, f"{parser.prog}: no help for {', '.join(bare)}"
+
+
+def help_entries(parser):
+    """`--help` as {first option string: its entry, wrapped lines joined}."""
+    text = parser.format_help()
+    for shown in ("None", "False", "True"):  # "not given" and a switch's off state are no defaults to show
+        assert f"(default: {shown})" not in text, shown
+    entries, key = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            key = line.split()[0].rstrip(",")
+            entries[key] = line.strip()
+        elif key and line.startswith("    "):
+            entries[key] += " " + line.strip()
+        else:
+            key = None
+    return entries
+
+
+def test_help_shows_defaults_and_every_flag_has_help():
+    top, train = subcommand_parser("train")
+    assert_every_flag_has_help(top)
+    assert_every_flag_has_help(train)
+    lines = help_entries(train)
+    for flag, default in (("--learning_rate", "0.0001"), ("--lora_rank", "32"), ("--save_steps", "500"),
+                          ("--num_epochs", "1"), ("--seed", "0")):
+        assert f"(default: {default})" in lines[flag], lines[flag]
+    assert "Output folder:\n" in train.format_help()  # the docstring's own layout is kept
+    # the overview speaks about what a user does, not about the package's modules
+    for task in ("train a LoRA", "edit images", "check", "convert", "benchmark"):
+        assert task in top.description, task
+    assert "module" not in top.description
 
 
 def test_fit_size_and_buckets():
@@ -603,6 +790,19 @@ def test_demo_cli(tmp_path):
 
     assert main(["train", "--demo", "--output_dir", str(tmp_path / "demo"), "--max_train_steps", "3"]) == 0
     assert os.path.isfile(tmp_path / "demo" / "checkpoint-final.safetensors")
+
+
+def test_demo_leaves_nothing_in_temp(tmp_path):
+    """The demo's tiny model and data (~36 MB) go when the command ends; the output folder asked for stays."""
+    temp, out = tmp_path / "temp", tmp_path / "out"
+    temp.mkdir()
+    res = subprocess.run([sys.executable, "-m", "qwen_fused.cli", "train", "--demo", "--output_dir", str(out),
+                          "--max_train_steps", "1"], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TMPDIR=str(temp)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert str(temp) in res.stdout  # the demo did use this temp folder
+    assert os.path.isfile(out / "checkpoint-final.safetensors")
+    assert not list(temp.iterdir())
 
 
 @pytest.mark.slow
