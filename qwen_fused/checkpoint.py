@@ -8,24 +8,20 @@ tensor, so memory stays at one q/k/v group however large the file or shard. Shar
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
 
-from .fuse import STREAMS
+from .atomic import atomic_output
+from .names import STANDARD, STREAMS
 
-__all__ = ["convert_checkpoint", "load_checkpoint", "from_pretrained", "plan_conversion", "checkpoint_files",
-           "atomic_output"]
+__all__ = ["convert_checkpoint", "load_checkpoint", "from_pretrained", "plan_conversion", "checkpoint_files"]
 
-# standard leaf name -> (merged leaf name, row block index)
-STANDARD = {std: (merged, i) for merged, stds in STREAMS.items() for i, std in enumerate(stds)}
 _KEY = re.compile(r"^(?P<pre>(?:.*\.)?transformer_blocks\.\d+\.attn\.)(?P<leaf>" +
                   "|".join(list(STREAMS) + list(STANDARD)) + r")\.(?P<param>.+)$")
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -259,52 +255,6 @@ def convert_checkpoint(input_path, output_path, direction, overwrite=False) -> d
                     shutil.copy2(src, os.path.join(tmp, other))
     return dict(kind=kind, direction=direction, tensors_in=len(where), tensors_out=len(plan.recipes),
                 groups=plan.groups, files=len(files), output=os.fspath(output_path))
-
-
-@contextlib.contextmanager
-def atomic_output(path, overwrite=False, folder=False):
-    """Yield a temporary file (or folder) beside `path` to write; on success it takes `path`'s place.
-
-    Refuses an existing `path` unless `overwrite`, and never replaces a folder by a file or a file by a folder
-    (`--output somedir` for a single-file conversion must not delete the folder). On error the temporary
-    is removed and `path` is untouched.
-    """
-    path = os.fspath(path)
-    if os.path.lexists(path):
-        if not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-        if os.path.isdir(path) != folder:
-            raise FileExistsError(f"{path} is a {'folder' if os.path.isdir(path) else 'file'} but the output is a "
-                                  f"{'folder' if folder else 'file'}; not replacing one by the other")
-    parent = os.path.dirname(os.path.abspath(path))
-    if folder:
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    else:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, (0o777 if folder else 0o666) & ~umask)  # mkstemp/mkdtemp make them private
-        if os.path.isdir(path):  # os.replace cannot replace a non-empty folder: move it aside first
-            old = tempfile.mkdtemp(dir=parent, prefix=".old-")
-            os.replace(path, os.path.join(old, "x"))
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(os.path.join(old, "x"), path)
-                os.rmdir(old)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------

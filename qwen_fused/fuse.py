@@ -7,15 +7,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .names import STOCK_ORDER, STREAMS
 from .processor import FusedQwenAttnProcessor, pos_embed_hook
 
-STREAMS = {
-    # merged name: (standard names in q, k, v order)
-    "to_qkv": ("to_q", "to_k", "to_v"),
-    "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj"),
-}
-# diffusers' Attention registers the text projections as k, v, q; unfusing restores that order
-_STOCK_ORDER = {"add_qkv_proj": ("add_k_proj", "add_v_proj", "add_q_proj")}
 _HOOK_ATTR = "_qwen_fused_rope_hook"
 
 
@@ -146,8 +140,7 @@ def fuse_qkv(model_or_pipeline):
         stock = attn.processor
         for merged_name, names in STREAMS.items():
             merged = _merged_linear([getattr(attn, n) for n in names])
-            _set_modules(attn, drop=set(names), add={merged_name: merged}, anchor=names[0]
-                         if merged_name == "to_qkv" else _STOCK_ORDER[merged_name][0])
+            _set_modules(attn, drop=set(names), add={merged_name: merged}, anchor=STOCK_ORDER[merged_name][0])
         proc = FusedQwenAttnProcessor()
         proc._attention_backend = stock._attention_backend
         proc._parallel_config = stock._parallel_config
@@ -191,8 +184,8 @@ def unfuse_qkv(model_or_pipeline):
         fused = attn.processor
         for merged_name, names in STREAMS.items():
             parts = dict(zip(names, _split_linear(getattr(attn, merged_name), len(names))))
-            order = _STOCK_ORDER.get(merged_name, names)
-            _set_modules(attn, drop={merged_name}, add={n: parts[n] for n in order}, anchor=merged_name)
+            _set_modules(attn, drop={merged_name}, add={n: parts[n] for n in STOCK_ORDER[merged_name]},
+                         anchor=merged_name)
         proc = QwenDoubleStreamAttnProcessor2_0()
         proc._attention_backend = getattr(fused, "_attention_backend", None)
         proc._parallel_config = getattr(fused, "_parallel_config", None)

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpoint import STANDARD, atomic_output
-from .fuse import STREAMS, _transformer, is_fused
+from .atomic import atomic_output
+from .fuse import _transformer, is_fused
+from .names import STANDARD, STREAMS
 
 __all__ = ["load_lora", "convert_lora", "save_lora", "add_lora", "read_lora", "detect_lora_layout"]
 
