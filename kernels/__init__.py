@@ -2,11 +2,13 @@
 
 Installed as `qwen_fused.kernels`; never imported as a top-level `kernels` module. The backend
 (`QWEN_FUSED_BACKEND` = auto | triton | torch, or `set_backend`) picks the Triton kernels or the torch path;
-see `backend.py`.
+see `backend.py`. Imports run one way: `fused_qkv.py` (the op's contract and route) uses `_torch_qkv.py` and
+`_triton_qkv.py` (the two implementations); `backend.py` (the setting) imports none of them.
 """
 if __name__ == "qwen_fused.kernels":
+    from ._torch_qkv import fused_qkv_torch, qkv_epilogue
     from .backend import BackendError, get_backend, set_backend
-    from .fused_qkv import fused_qkv, fused_qkv_torch, joint_qkv, qkv_epilogue, rope_tables
+    from .fused_qkv import fused_qkv, joint_qkv, rope_tables
 else:
     # Imported as a top-level `kernels`: the repo root is on sys.path (`python -m pytest` run there) and
     # transformers imports `kernels` to probe for Hugging Face's package. Importing our modules a second time

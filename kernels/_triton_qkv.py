@@ -1,4 +1,4 @@
-"""Triton kernels of the fused QKV op (private; imported lazily by `fused_qkv.py`).
+"""Triton kernels of the fused QKV op (private; imported lazily by `fused_qkv.py`; mirrored by `_torch_qkv.py`).
 
 Forward, one launch per stream:  acc = lora_scale * S B^T  (S = x A^T, precomputed, [M, r])
                                  acc += x W^T              (K loop)
@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from .backend import BackendError
 
 
 @triton.jit
@@ -179,8 +181,6 @@ def _launcher(kernel, probe: torch.Tensor):
     from torch._subclasses.functional_tensor import FunctionalTensor
 
     if isinstance(probe, FunctionalTensor) or torch._is_functional_tensor(probe):
-        from .backend import BackendError
-
         raise BackendError("torch.compile cannot trace the Triton interpreter (TRITON_INTERPRET=1); compile with "
                            "QWEN_FUSED_BACKEND=torch or auto on CPU")
     if isinstance(probe, FakeTensor):

@@ -24,17 +24,23 @@ norm, after the norm weight and after RoPE; see design.md section 1).
 Example::
 
     q, k, v = fused_qkv(x, w, b, heads=24, norm_q=nq, norm_k=nk, cos=cos, sin=sin)
+
+This module is the op's contract: validation, the route of each call (decided once, in `_run`), and the custom op
+registered with torch.library. The math lives in `_torch_qkv.py` (the torch path) and `_triton_qkv.py` (the
+kernels, imported lazily so that the package runs without triton).
 """
 from __future__ import annotations
 
 import os
+import warnings
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .backend import use_triton
+from . import _torch_qkv
+from .backend import BackendError, get_backend
 
-__all__ = ["fused_qkv", "joint_qkv", "rope_tables", "fused_qkv_torch", "qkv_epilogue", "check_inputs"]
+__all__ = ["fused_qkv", "joint_qkv", "rope_tables", "check_inputs"]
 STREAM_KEYS = ("x", "weight", "bias", "norm_q", "norm_k", "cos", "sin", "lora_a", "lora_b", "lora_scale")
 _LISTS = STREAM_KEYS[:-1]  # tensor arguments of the op, one list each
 
@@ -107,45 +113,45 @@ def check_inputs(x, weight, bias, heads, norm_q, norm_k, cos, sin, lora_a, lora_
     return D
 
 
-def _rms_rope(t, w, cos, sin, eps):
-    """fp32 epilogue for one of q/k: t [B, S, H, D] float32."""
-    if w is not None:
-        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w.to(t.dtype)
-    if cos is not None:
-        c = cos[None, :, None, :]
-        s = sin[None, :, None, :]
-        t0, t1 = t[..., 0::2], t[..., 1::2]
-        t = torch.stack((t0 * c - t1 * s, t0 * s + t1 * c), dim=-1).flatten(-2)
-    return t
+# ----------------------------------------------------------------------------------------------------------
+# the route: the Triton kernels or the torch path, by the backend setting (see backend.py)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_warned: set[str] = set()
 
 
-def _project(x, weight, bias, lora_a, lora_b, lora_scale):
-    """y = x W^T + b + s (x A^T) B^T; LoRA in its own dtype as peft computes it (the sum may promote)."""
-    y = F.linear(x, weight, bias)
-    if lora_a is not None and lora_a.shape[0] > 0:
-        y = y + F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * lora_scale
-    return y
+def triton_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why the Triton kernels cannot serve this call, or None when they can."""
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not supported by the Triton kernels (float32, float16, bfloat16)"
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two in [16, 256]"
+    if device.type not in ("cuda", "cpu"):
+        return f"device {device} is not supported by the Triton kernels (cuda, or cpu under TRITON_INTERPRET=1)"
+    try:
+        from . import _triton_qkv
+    except ImportError as e:  # triton not installed
+        return f"triton is not importable ({e})"
+    if device.type == "cpu" and not _triton_qkv.INTERPRETED:
+        return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 in the environment before triton "
+                "is first imported")
+    return None
 
 
-def fused_qkv_torch(x, weight, bias=None, *, heads, norm_q=None, norm_k=None, cos=None, sin=None, eps=1e-6,
-                    lora_a=None, lora_b=None, lora_scale=1.0):
-    """The pure-torch path: differentiable torch ops, any device, same contract as `fused_qkv`."""
-    y = _project(x, weight, bias, lora_a, lora_b, lora_scale)
-    return qkv_epilogue(y, heads=heads, norm_q=norm_q, norm_k=norm_k, cos=cos, sin=sin, eps=eps, out_dtype=x.dtype)
-
-
-def qkv_epilogue(y, *, heads, norm_q=None, norm_k=None, cos=None, sin=None, eps=1e-6, out_dtype=None):
-    """The epilogue alone, for a projection computed elsewhere (e.g. a peft layer with dropout or DoRA):
-    `y [B, S, 3 * heads * D]` -> q, k, v `[B, S, heads, D]` in `out_dtype` (default y.dtype), QK RMSNorm + RoPE
-    in fp32 (float64 stays float64, for references) as `fused_qkv`."""
-    B, S, N = y.shape
-    if N % (3 * heads):
-        raise ValueError(f"qkv_epilogue: y has {N} features, not 3 * heads * D for heads={heads}")
-    out = out_dtype or y.dtype
-    q, k, v = y.view(B, S, 3, heads, N // (3 * heads)).unbind(2)
-    acc = _acc_dtype(y.dtype)
-    return (_rms_rope(q.to(acc), norm_q, cos, sin, eps).to(out), _rms_rope(k.to(acc), norm_k, cos, sin, eps).to(out),
-            v.to(out))
+def use_triton(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Route one call: True for the Triton kernels, False for the torch path; raises under `triton`."""
+    backend = get_backend()
+    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+        return False
+    problem = triton_problem(device, dtype, head_dim)
+    if problem is None:
+        return True
+    if backend == "triton":
+        raise BackendError(f"QWEN_FUSED_BACKEND=triton cannot run this call: {problem}")
+    if problem not in _warned:
+        _warned.add(problem)
+        warnings.warn(f"qwen_fused: using the torch path because {problem}", RuntimeWarning, stacklevel=3)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,11 +218,11 @@ def _run(streams, heads, eps):
         save_y = grad and any(st["norm_q"] is not None or st["norm_k"] is not None for st in streams)
         q, k, v, _ = torch.ops.qwen_fused.joint_qkv(*_op_lists(streams),
                                                     [float(st["lora_scale"]) for st in streams], heads, float(eps),
-                                                    save_y)
+                                                    save_y, True)
         return q, k, v
-    outs = [fused_qkv_torch(st["x"], st["weight"], st["bias"], heads=heads, norm_q=st["norm_q"], norm_k=st["norm_k"],
-                            cos=st["cos"], sin=st["sin"], eps=eps, lora_a=st["lora_a"], lora_b=st["lora_b"],
-                            lora_scale=st["lora_scale"]) for st in streams]
+    outs = [_torch_qkv.fused_qkv_torch(st["x"], st["weight"], st["bias"], heads=heads, norm_q=st["norm_q"],
+                                       norm_k=st["norm_k"], cos=st["cos"], sin=st["sin"], eps=eps, lora_a=st["lora_a"],
+                                       lora_b=st["lora_b"], lora_scale=st["lora_scale"]) for st in streams]
     if len(outs) == 1:
         return outs[0]
     return tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
@@ -224,9 +230,10 @@ def _run(streams, heads, eps):
 
 # ----------------------------------------------------------------------------------------------------------
 # the custom op: `qwen_fused::joint_qkv` (forward) and `qwen_fused::joint_qkv_bwd` (epilogue backward).
-# Each takes per-stream lists (one entry for fused_qkv, two for joint_qkv). The body picks the Triton kernels
-# (CUDA, or CPU under the interpreter with the `triton` backend) or the torch reference; the GEMMs of the
-# backward are plain torch matmuls in `_backward`.
+# Each takes per-stream lists (one entry for fused_qkv, two for joint_qkv) and a `kernels` flag, the route: True
+# runs `_triton_qkv`, False its mirror in `_torch_qkv`. `_run` calls the forward only on the Triton route and
+# passes True; a direct call of the op (opcheck, torch.compile of the op) leaves it None and gets the backend's
+# route. The backward takes the forward's route; its GEMMs are plain torch matmuls in `_backward`.
 # Absent optional tensors travel as empty tensors (rank-0 LoRA factors for LoRA): torch.library differentiates a
 # tensor list only when it holds no None, and a LoRA on one stream only must still get its gradient.
 
@@ -261,8 +268,11 @@ def _streams(*lists):
             for vals in zip(*lists)]
 
 
-def _kernels_for(x, weight, heads):
-    return use_triton(x.device, x.dtype, weight.shape[0] // (3 * heads))
+def _op_route(kernels, x, weight, heads):
+    """The forward op's route: its `kernels` flag, or the backend's route when a direct call left it None."""
+    if kernels is None:
+        return use_triton(x.device, x.dtype, weight.shape[0] // (3 * heads))
+    return kernels
 
 
 def _poison():
@@ -270,70 +280,19 @@ def _poison():
     return os.environ.get("QWEN_FUSED_DEBUG_NAN", "") == "1"
 
 
-def _acc_dtype(dtype):
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _forward_torch(streams, heads, eps, save_y):
-    qs, ks, vs, ys = [], [], [], []
-    for st in streams:
-        x = st["x"]
-        y = _project(x, st["weight"], st["bias"], st["lora_a"], st["lora_b"], st["lora_scale"])
-        q, k, v = qkv_epilogue(y, heads=heads, norm_q=st["norm_q"], norm_k=st["norm_k"], cos=st["cos"],
-                               sin=st["sin"], eps=eps, out_dtype=x.dtype)
-        qs.append(q)
-        ks.append(k)
-        vs.append(v)
-        ys.append(y[..., : 2 * y.shape[-1] // 3].to(x.dtype))
-    x0 = streams[0]["x"]
-    y = torch.cat(ys, dim=1) if save_y else x0.new_empty(0)
-    return torch.cat(qs, dim=1), torch.cat(ks, dim=1), torch.cat(vs, dim=1), y
-
-
 @torch.library.triton_op("qwen_fused::joint_qkv", mutates_args=())
 def _joint_qkv_op(x: list[Tensor], weight: list[Tensor], bias: list[Tensor], norm_q: list[Tensor],
                   norm_k: list[Tensor], cos: list[Tensor], sin: list[Tensor],
                   lora_a: list[Tensor], lora_b: list[Tensor], lora_scale: list[float],
-                  heads: int, eps: float, save_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  heads: int, eps: float, save_y: bool,
+                  kernels: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q, k, v `[B, sum S, H, D]` and the pre-norm q|k `[B, sum S, 2 H D]` kept for backward (empty unless save_y)."""
     streams = _streams(x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b, lora_scale)
-    if _kernels_for(x[0], weight[0], heads):
+    if _op_route(kernels, x[0], weight[0], heads):
         from . import _triton_qkv
 
         return _triton_qkv.forward(streams, heads, eps, save_y, _poison())
-    return _forward_torch(streams, heads, eps, save_y)
-
-
-def _epilogue_bwd_torch(dq, dk, dv, y, streams, heads, eps, need_dnorm):
-    B, _, H, D = dq.shape
-    acc = _acc_dtype(dq.dtype)
-    dys, dnorms = [], []
-    off = 0
-    for st in streams:
-        S = st["x"].shape[1]
-        rows = slice(off, off + S)
-        parts, dn = [], []
-        for j, (g, w) in enumerate(((dq[:, rows], st["norm_q"]), (dk[:, rows], st["norm_k"]))):
-            g = g.to(acc)
-            if st["cos"] is not None:
-                c, s = st["cos"][None, :, None, :].to(acc), st["sin"][None, :, None, :].to(acc)
-                ge, go = g[..., 0::2], g[..., 1::2]
-                g = torch.stack((ge * c + go * s, go * c - ge * s), dim=-1).flatten(-2)
-            if w is not None:
-                t = y[:, rows, j * H * D:(j + 1) * H * D].reshape(B, S, H, D).to(acc)
-                rstd = torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
-                xh = t * rstd
-                dn.append((g * xh).sum((0, 1, 2)))
-                gx = g * w.to(acc)
-                g = rstd * (gx - xh * (gx * xh).mean(-1, keepdim=True))
-            else:
-                dn.append(torch.zeros(D, dtype=acc, device=dq.device))
-            parts.append(g.to(dq.dtype))
-        parts.append(dv[:, rows])
-        dys.append(torch.cat(parts, dim=2).reshape(B * S, 3 * H * D))
-        dnorms.append(torch.stack(dn).float() if need_dnorm else torch.zeros(2, D, device=dq.device))
-        off += S
-    return torch.cat(dys), torch.stack(dnorms)
+    return _torch_qkv.forward(streams, heads, eps, save_y)
 
 
 @torch.library.triton_op("qwen_fused::joint_qkv_bwd", mutates_args=())
@@ -349,14 +308,14 @@ def _joint_qkv_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, y: Tensor, x: list[Ten
         from . import _triton_qkv
 
         return _triton_qkv.epilogue_backward(dq, dk, dv, y, streams, heads, eps, need_dnorm, _poison())
-    return _epilogue_bwd_torch(dq, dk, dv, y, streams, heads, eps, need_dnorm)
+    return _torch_qkv.epilogue_backward(dq, dk, dv, y, streams, heads, eps, need_dnorm)
 
 
 def _setup_context(ctx, inputs, output):
     lists = inputs[:9]
     ctx.n = len(lists[0])
     ctx.lora_scale, ctx.heads, ctx.eps = inputs[9], inputs[10], inputs[11]
-    ctx.kernels = _kernels_for(lists[0][0], lists[1][0], ctx.heads)  # backward takes the forward's route
+    ctx.kernels = _op_route(inputs[13], lists[0][0], lists[1][0], ctx.heads)  # the backward's route
     ctx.mark_non_differentiable(output[3])
     # bias is not needed in backward unless y must be recomputed; keep it (a view, no copy)
     ctx.save_for_backward(*[t for lst in lists for t in lst], output[3])
@@ -377,8 +336,9 @@ def _backward(ctx, dq, dk, dv, _dy_unused):
     dq, dk, dv = (torch.zeros(shape, dtype=x0.dtype, device=x0.device) if g is None else g for g in (dq, dk, dv))
     has_norm = any(st["norm_q"] is not None or st["norm_k"] is not None for st in streams)
     if has_norm and y.numel() == 0:  # forward ran without save_y (e.g. called directly): recompute pre-norm q|k
-        y = torch.cat([_project(st["x"], st["weight"], st["bias"], st["lora_a"], st["lora_b"], st["lora_scale"])
-                       [..., : 2 * heads * D].to(x0.dtype) for st in streams], dim=1)
+        y = torch.cat([_torch_qkv.project(st["x"], st["weight"], st["bias"], st["lora_a"], st["lora_b"],
+                                          st["lora_scale"])[..., : 2 * heads * D].to(x0.dtype) for st in streams],
+                      dim=1)
     need_dnorm = any(need["norm_q"]) or any(need["norm_k"])
     dy_all, dnorm = torch.ops.qwen_fused.joint_qkv_bwd(dq, dk, dv, y, lists[0], lists[1], lists[3], lists[4],
                                                        lists[5], lists[6], heads, eps, need_dnorm,
@@ -411,11 +371,12 @@ def _backward(ctx, dq, dk, dv, _dy_unused):
         if need["weight"][i]:  # never when the base weight is frozen (LoRA training)
             grads["weight"][i] = dy.t() @ x2
         if need["bias"][i] and st["bias"] is not None:
-            grads["bias"][i] = dy.sum(0, dtype=_acc_dtype(dy.dtype)).to(st["bias"].dtype)
+            grads["bias"][i] = dy.sum(0, dtype=_torch_qkv.acc_dtype(dy.dtype)).to(st["bias"].dtype)
         for j, key in enumerate(("norm_q", "norm_k")):
             if need[key][i] and st[key] is not None:
                 grads[key][i] = dnorm[i, j].to(st[key].dtype)
-    return tuple(grads[k] for k in _LISTS) + (None, None, None, None)
+    # no grads for the other inputs, as many as torch passed (it drops `kernels` when left at its default)
+    return tuple(grads[k] for k in _LISTS) + (None,) * (len(ctx.needs_input_grad) - len(_LISTS))
 
 
 _joint_qkv_op.register_autograd(_backward, setup_context=_setup_context)

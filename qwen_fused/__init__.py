@@ -5,6 +5,8 @@ kernels must not pay for importing diffusers (seconds) when they are used on the
 """
 import importlib
 
+from . import bindings
+
 __version__ = "0.1.0"
 _EXPORTS = {
     "fuse_qkv": "fuse", "unfuse_qkv": "fuse", "is_fused": "fuse",
@@ -12,6 +14,24 @@ _EXPORTS = {
     "load_lora": "lora", "convert_lora": "lora", "save_lora": "lora", "add_lora": "lora",
 }
 __all__ = list(_EXPORTS)
+
+
+def _bind_lora_api(model):
+    from .lora.diffusers_api import bind_lora_api
+
+    bind_lora_api(model)
+
+
+def _unbind_lora_api(model):
+    from .lora.diffusers_api import unbind_lora_api
+
+    unbind_lora_api(model)
+
+
+# Every fused model gets diffusers' LoRA API rebound for the merged layout, however it was fused: fuse.py sits below
+# the LoRA layer and cannot import it, so this root (which Python runs before any qwen_fused module) registers the
+# LoRA layer's binder with fuse_qkv; the LoRA layer itself is imported only when a model is fused (bindings.py)
+bindings.register("lora", _bind_lora_api, _unbind_lora_api)
 
 
 def __getattr__(name):

@@ -15,6 +15,8 @@ import torch
 
 from ._util import quiet_diffusers, resolve_device
 from .fuse import fuse_qkv
+from .names import STREAMS
+from .numerics import rel_err
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -114,8 +116,7 @@ def _run(model, inputs, dtype, grad_out):
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        if any(s in name for s in ("to_q.", "to_k.", "to_v.", "add_q_proj.", "add_k_proj.", "add_v_proj.",
-                                   "to_qkv.", "add_qkv_proj.")):
+        if any(f".{leaf}." in name for merged, parts in STREAMS.items() for leaf in (merged, *parts)):
             qkv.append((_stock_order_key(name), p.grad.double().flatten()))
         else:
             other.append((name, p.grad.double().flatten()))
@@ -126,19 +127,13 @@ def _run(model, inputs, dtype, grad_out):
 
 def _stock_order_key(name):
     """Sort key that lines up fused to_qkv rows with stock to_q, to_k, to_v (same for the text stream)."""
-    for merged, parts in (("to_qkv", ("to_q", "to_k", "to_v")),
-                          ("add_qkv_proj", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+    for merged, parts in STREAMS.items():
         for i, part in enumerate(parts):
             name = name.replace(f".{part}.", f".{merged}.{i}.")
     block, _, rest = name.partition(".attn.")
     stream, _, rest = rest.partition(".")
     idx, _, leaf = rest.partition(".") if rest[:1].isdigit() else ("", "", rest)
     return (block, stream, leaf, idx)
-
-
-def _rel(a, b):
-    d = a - b
-    return (d.abs().max() / b.abs().max().clamp_min(1e-300)).item(), (d.norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def run_check(device="cpu", dtype="fp32", real_width=True, seed=0, verbose=True):
@@ -167,7 +162,7 @@ def run_check(device="cpu", dtype="fp32", real_width=True, seed=0, verbose=True)
         f = _run(fused, inputs, dt, grad_out)
         del fused
         for q in r:
-            fs, sr, fr = _rel(f[q], s[q]), _rel(s[q], r[q]), _rel(f[q], r[q])
+            fs, sr, fr = rel_err(f[q], s[q]), rel_err(s[q], r[q]), rel_err(f[q], r[q])
             good = all(fr[i] <= MARGIN * sr[i] + floor for i in (0, 1))
             ok &= good
             rows.append((case.name, q, fs, sr, fr, good))

@@ -294,17 +294,22 @@ def load_checkpoint(transformer, path, strict=True):
 
 
 def _assign(model, name, tensor):
-    """Copy into the existing tensor, or replace it when it lives on the meta device (empty weights)."""
+    """Copy into the existing tensor, or replace it when it lives on the meta device (empty weights).
+
+    The meta case is accelerate's `set_module_tensor_to_device`, told to keep the checkpoint's dtype (its default
+    casts to the meta tensor's dtype: a bf16 checkpoint would load as fp32). A materialised tensor is copied into
+    in place instead: accelerate would replace the Parameter object (optimizers and tied weights would keep the
+    old one), where loading a checkpoint into a live model must behave like `load_state_dict`.
+    """
+    from accelerate.utils import set_module_tensor_to_device
+
     owner, _, attr = name.rpartition(".")
-    module = model.get_submodule(owner)
-    old = getattr(module, attr)
+    old = getattr(model.get_submodule(owner), attr)
     if old.device.type != "meta":
         with torch.no_grad():
             old.copy_(tensor)
-    elif isinstance(old, torch.nn.Parameter):
-        setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=old.requires_grad))
     else:
-        module.register_buffer(attr, tensor, persistent=attr not in module._non_persistent_buffers_set)
+        set_module_tensor_to_device(model, name, str(tensor.device), value=tensor, dtype=tensor.dtype)
 
 
 def from_pretrained(path, torch_dtype=None, fused=True):

@@ -48,13 +48,13 @@ def _ranks(modules):
 
 
 def convert_lora_file(input_path, output_path, direction, fmt=None, overwrite=False, out=print):
-    from .lora import _convert, parse_lora, read_lora, write_lora
+    from .lora import convert, parse_lora, read_lora, write_lora
 
     if os.path.exists(output_path) and not overwrite:
         raise FileExistsError(f"{output_path} exists; pass --overwrite to replace it")
     state_dict, metadata = read_lora(input_path)
     parsed = parse_lora(state_dict, metadata)
-    converted = _convert(parsed.modules, direction.removeprefix("to_"))
+    converted = convert(parsed.modules, direction.removeprefix("to_"))
     layout = fmt or "diffusers"
     meta = write_lora(converted, output_path, layout=layout, overwrite=overwrite)
     out(f"LoRA: {parsed.layout} layout, {parsed.form} q/k/v, {len(state_dict)} tensors, {len(parsed.modules)} "

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .atomic import atomic_output
+
 REQUIRED = ("image", "edit_image", "prompt")
 MULTIPLE = 32  # VAE factor 8 x patch 2 x 2 (the pipelines snap sides to 16; 32 keeps latents even after packing)
 
@@ -45,9 +47,10 @@ def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 
 def area_size(width: int, height: int, area: int) -> tuple[int, int]:
     """The stock pipelines' `calculate_dimensions(area, w / h)`: (w, h) of about `area` pixels, sides of 32."""
-    ratio = width / height
-    w = math.sqrt(area * ratio)
-    return round(w / 32) * 32, round(w / ratio / 32) * 32
+    # imported on use: the pipeline module imports transformers
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+    return calculate_dimensions(area, width / height)
 
 
 def read_metadata(base_path, metadata_path) -> list[Record]:
@@ -173,10 +176,8 @@ class EncodedCache:
     def save(self, key, sample: dict):
         from safetensors.torch import save_file
 
-        path = self.path(key)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in flatten(sample).items()}, tmp)
-        os.replace(tmp, path)
+        with atomic_output(self.path(key), overwrite=True) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in flatten(sample).items()}, tmp)
 
 
 def flatten(sample: dict) -> dict:

@@ -1,45 +1,10 @@
 """`qwen-fused edit`: image editing with diffusers' Qwen-Image-Edit pipelines, fused attention on by default."""
 from __future__ import annotations
 
-import types
-
 from ._util import resolve_device
-
-STOCK_AREA = 1024 * 1024  # the pixel area the stock edit pipelines resize the (VAE) condition image to
-
-
-def call_pipeline(pipe, *, area: int | None = None, condition_area: int | None = None, **kwargs):
-    """Call a stock `QwenImageEditPipeline` / `QwenImageEditPlusPipeline` with other target areas.
-
-    The stock `__call__` resizes each condition image to a fixed `1024 * 1024` pixel area (aspect kept,
-    sides snapped to 32) before the VAE, and -2509/-2511 to `384 * 384` for the text encoder; that area also
-    sets the default output size. `area` / `condition_area` replace those constants. This runs the stock
-    `__call__` code itself, with a private copy of its module globals in which only those constants differ:
-    nothing in diffusers is modified and no pipeline code is copied. Without either argument this is exactly
-    `pipe(**kwargs)`.
-    """
-    if area is None and condition_area is None:
-        return pipe(**kwargs)
-    stock_call = type(pipe).__call__
-    raw = getattr(stock_call, "__wrapped__", stock_call)  # under @torch.no_grad()
-    env = dict(raw.__globals__)
-    if "calculate_dimensions" not in env:
-        raise TypeError(f"{type(pipe).__name__} is not a Qwen-Image-Edit pipeline; cannot change its areas")
-    if area is not None:
-        stock_dims = env["calculate_dimensions"]
-
-        def calculate_dimensions(target_area, ratio):
-            return stock_dims(area if target_area == STOCK_AREA else target_area, ratio)
-
-        env["calculate_dimensions"] = calculate_dimensions
-    if condition_area is not None and "CONDITION_IMAGE_SIZE" in env:
-        env["CONDITION_IMAGE_SIZE"] = condition_area
-    call = types.FunctionType(raw.__code__, env, raw.__name__, raw.__defaults__, raw.__closure__)
-    call.__kwdefaults__ = raw.__kwdefaults__
-    import torch
-
-    with torch.no_grad():
-        return call(pipe, **kwargs)
+from .atomic import atomic_output
+from .demo import edit_demo_args
+from .pipeline import call_pipeline, edit_variant, load_pipeline, parse_lora_spec
 
 
 def add_parser(subparsers):
@@ -62,7 +27,8 @@ def add_parser(subparsers):
     p.add_argument("--height", type=int, default=None, help="output height (default: from the last --image and --area)")
     p.add_argument("--width", type=int, default=None, help="output width (default: from the last --image and --area)")
     p.add_argument("--area", type=int, default=None,
-                   help=f"pixel area condition images are resized to for the VAE (stock: {STOCK_AREA})")
+                   help="pixel area condition images are resized to for the VAE (stock: diffusers' VAE_IMAGE_SIZE, "
+                        "1024 * 1024)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", default=None, help="PNG path (default: edit.png; with --demo a temp file)")
@@ -80,7 +46,6 @@ def _check_args(args):
     import os
 
     from .data import open_rgb
-    from .train import parse_lora_spec
 
     if not args.model:
         raise ValueError("--model is required (or use --demo)")
@@ -103,40 +68,13 @@ def _check_args(args):
     return images, loras
 
 
-def _demo(args):
-    import os
-    import tempfile
-
-    import numpy as np
-    from PIL import Image
-
-    from ._util import scratch_folder
-    from .tiny import save_tiny_pipeline
-
-    work = scratch_folder("qwen-fused-edit-demo-")  # model and input image: gone at exit; the output stays
-    args.model = args.model or os.path.join(work, "model")
-    if not os.path.exists(args.model):
-        save_tiny_pipeline(args.model, seed=args.seed, variant=args.demo_variant)
-    if not args.image:
-        path = os.path.join(work, "input.png")
-        Image.fromarray((np.random.RandomState(args.seed).rand(48, 64, 3) * 255).astype("uint8")).save(path)
-        args.image = [path] * (1 if args.demo_variant == "edit" else 2)
-    args.prompt = args.prompt or "make it red"
-    args.output = args.output or os.path.join(tempfile.mkdtemp(prefix="qwen-fused-edit-demo-output-"), "edit.png")
-    args.steps = 4 if args.steps == 50 else args.steps
-    args.area = args.area or 64 * 64
-    args.height, args.width = args.height or 32, args.width or 32
-    print(f"demo: tiny model in {args.model}")
-
-
 def run(args) -> int:
-    import os
     import sys
 
     import torch
 
     if args.demo:
-        _demo(args)
+        edit_demo_args(args)
     args.output = args.output or "edit.png"
     try:
         device = resolve_device(args.device)
@@ -146,8 +84,6 @@ def run(args) -> int:
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    from .train import edit_variant, load_pipeline
-
     try:
         pipe = load_pipeline(args.model, dtype=dtype)
         variant = edit_variant(pipe)
@@ -176,8 +112,7 @@ def run(args) -> int:
                         negative_prompt=args.negative_prompt, num_inference_steps=args.steps, **cfg,
                         height=args.height, width=args.width,
                         generator=torch.Generator(device="cpu").manual_seed(args.seed)).images[0]
-    tmp = f"{args.output}.tmp.png"
-    out.save(tmp)
-    os.replace(tmp, args.output)
+    with atomic_output(args.output, overwrite=True) as tmp:  # --overwrite was checked before the run
+        out.save(tmp, format="PNG")
     print(f"wrote {args.output} ({out.size[0]}x{out.size[1]}, {'fused' if args.fuse else 'stock'} attention)")
     return 0

@@ -1,19 +1,19 @@
 """Convert a diffusers Qwen-Image transformer to the merged-QKV layout in place, and back."""
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
+from . import bindings
 from .names import STOCK_ORDER, STREAMS
 from .processor import FusedQwenAttnProcessor, pos_embed_hook
 
 _HOOK_ATTR = "_qwen_fused_rope_hook"
 
 
-def _transformer(obj):
+def transformer_of(obj):
     """The QwenImageTransformer2DModel inside `obj` (a transformer, or a pipeline holding one)."""
     from diffusers import QwenImageTransformer2DModel
 
@@ -33,7 +33,7 @@ def _attentions(model):
 
 def is_fused(model_or_pipeline) -> bool:
     """True when every block of the transformer carries merged `to_qkv` / `add_qkv_proj` projections."""
-    model = _transformer(model_or_pipeline)
+    model = transformer_of(model_or_pipeline)
     return all(hasattr(attn, "to_qkv") for _, attn in _attentions(model)) and len(model.transformer_blocks) > 0
 
 
@@ -128,7 +128,7 @@ def fuse_qkv(model_or_pipeline):
     projections, not by the model. Keeps device, dtype and requires_grad; works on meta-device models.
     Returns the transformer.
     """
-    model = _transformer(model_or_pipeline)
+    model = transformer_of(model_or_pipeline)
     if is_fused(model) or any(hasattr(attn, "to_qkv") for _, attn in _attentions(model)):
         raise ValueError("this transformer is already fused (its blocks have to_qkv); call unfuse_qkv first")
     attns = _attentions(model)
@@ -136,6 +136,7 @@ def fuse_qkv(model_or_pipeline):
         raise ValueError("transformer has no transformer_blocks to fuse")
     for name, attn in attns:  # validate everything before changing anything
         _check_stock(name, attn)
+    bindings.require()
     for _, attn in attns:
         stock = attn.processor
         for merged_name, names in STREAMS.items():
@@ -146,32 +147,18 @@ def fuse_qkv(model_or_pipeline):
         proc._parallel_config = stock._parallel_config
         attn.set_processor(proc)
     setattr(model, _HOOK_ATTR, model.pos_embed.register_forward_hook(pos_embed_hook))
-    _bind_lora_api(model)
+    # diffusers' LoRA API, rebound for the merged layout on this instance. The LoRA layer provides it, and this
+    # module sits below that layer and must not import it: the package root registers it in qwen_fused.bindings
+    # before any qwen_fused module can run, and `bindings.require()` above refuses to fuse without it
+    bindings.bind(model)
     return model
-
-
-# diffusers' LoRA entry points that must see standard q/k/v names on a fused model, and their fused versions
-# (qwen_fused.lora sits above this module, hence the late import)
-_LORA_API = {"add_adapter": "add_lora", "load_lora_adapter": "fused_load_lora_adapter",
-             "save_lora_adapter": "fused_save_lora_adapter"}
-
-
-def _bind_lora_api(model):
-    """Instance-level: standard q/k/v names in `add_adapter` configs and in LoRA files map onto the merged
-    projections exactly, and saved files come out in the standard layout, instead of peft silently finding no
-    `to_q` on this model."""
-    from . import lora
-
-    for name, impl in _LORA_API.items():
-        setattr(model, name, functools.partial(getattr(lora, impl), model))
-    lora.wrap_pipeline_lora_saving()
 
 
 def unfuse_qkv(model_or_pipeline):
     """Exact inverse of `fuse_qkv`: restores `to_q/k/v`, `add_q/k/v_proj` and the stock processor."""
     from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
-    model = _transformer(model_or_pipeline)
+    model = transformer_of(model_or_pipeline)
     if not is_fused(model):
         raise ValueError("this transformer is not fused; nothing to unfuse")
     attns = _attentions(model)
@@ -194,6 +181,5 @@ def unfuse_qkv(model_or_pipeline):
     if hook is not None:
         hook.remove()
         delattr(model, _HOOK_ATTR)
-    for name in _LORA_API:
-        model.__dict__.pop(name, None)
+    bindings.unbind(model)
     return model

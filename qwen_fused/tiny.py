@@ -8,7 +8,7 @@ a byte-level tokenizer whose Qwen special tokens sit at their real ids. Nothing 
 The one exception is the processor: the stock `Qwen2VLProcessor` needs torchvision (for its video processor),
 so the tiny pipelines use `ImageOnlyQwen2VLProcessor`, defined here. A saved tiny pipeline's `model_index.json`
 names this module for it, and diffusers imports no module a saved folder names, so load one after importing
-this module (`qwen_fused.train.load_pipeline` does that)::
+this module (`qwen_fused.pipeline.load_pipeline` does that)::
 
     import qwen_fused.tiny
     from diffusers import DiffusionPipeline

@@ -7,14 +7,9 @@ from math import prod
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-MERGED = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
+from qwen_fused.names import STREAMS
+from qwen_fused.numerics import rel_err
 
-
-def rel_err(a, b):
-    """(max |a-b| / max |b|, rms(a-b) / rms(b)) in float64."""
-    a, b = a.double(), b.double()
-    d = a - b
-    return (d.abs().max() / b.abs().max().clamp_min(1e-300)).item(), (d.norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def assert_close(a, b, tol, name=""):
@@ -88,7 +83,7 @@ def clone_inputs(kw):
 def merged_view(stock_tensors: dict) -> dict:
     """Stock parameter-name -> tensor dict in merged layout (q/k/v concatenated along dim 0)."""
     out = dict(stock_tensors)
-    for merged, parts in MERGED.items():
+    for merged, parts in STREAMS.items():
         for name in [n for n in stock_tensors if f".attn.{parts[0]}." in n]:
             stem, leaf = name.split(f".attn.{parts[0]}.")
             names = [f"{stem}.attn.{p}.{leaf}" for p in parts]

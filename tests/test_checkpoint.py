@@ -214,3 +214,20 @@ def test_cli_lora_folder(base, tmp_path, capsys):
     with torch.no_grad():
         y, ref = fused(**inputs).sample, stock(**inputs).sample
     assert ((y - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+
+
+def test_loading_keeps_live_parameters_and_checkpoint_dtype(saved):
+    """Loading into a live model copies in place, as `load_state_dict` does (accelerate's
+    `set_module_tensor_to_device` would swap the Parameter objects: an optimizer would keep the old ones), and an
+    empty-weights model takes the checkpoint's dtype (accelerate's default casts to the meta tensor's fp32)."""
+    src = saved / "single_bf16" / "diffusion_pytorch_model.safetensors"
+    model = fuse_qkv(QwenImageTransformer2DModel(**CFG))  # fp32
+    before = dict(model.named_parameters())
+    load_checkpoint(model, src)
+    assert all(p is before[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
+    stock = load_file(str(src))
+    assert torch.equal(model.transformer_blocks[0].attn.to_qkv.weight,
+                       torch.cat([stock[f"transformer_blocks.0.attn.{n}.weight"] for n in ("to_q", "to_k", "to_v")]).float())
+    empty = from_pretrained(saved / "single_bf16")  # meta weights, filled from the bf16 file
+    assert {p.dtype for p in empty.parameters()} == {torch.bfloat16}
+    assert all(type(p) is torch.nn.Parameter and p.requires_grad for p in empty.parameters())

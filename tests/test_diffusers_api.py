@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from helpers import TINY_CFG, assert_close, random_model, tiny_inputs
 
 import qwen_fused
-from qwen_fused.edit import call_pipeline
+from qwen_fused.pipeline import call_pipeline
 from qwen_fused.tiny import tiny_edit_pipeline
 
 QKV = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"]
@@ -244,7 +244,7 @@ def test_pipeline_save_lora_weights_writes_standard_layout(tmp_path):
 # ---- one rule for standard names (item 4) ----------------------------------------------------------------------
 
 def test_cli_and_api_build_the_same_lora_for_standard_names(base):
-    from qwen_fused.train import add_training_lora, lora_targets
+    from qwen_fused.train_lora import add_training_lora, lora_targets
 
     api, cli = copy_of(base, True), copy_of(base, True)
     with pytest.warns(UserWarning):

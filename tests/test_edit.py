@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from qwen_fused.cli import main
-from qwen_fused.edit import call_pipeline
+from qwen_fused.pipeline import call_pipeline
 from qwen_fused.tiny import save_tiny_pipeline, tiny_edit_pipeline
 
 

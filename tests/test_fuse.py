@@ -193,3 +193,80 @@ def test_hooks_on_the_projections_are_refused():
     with pytest.raises(ValueError, match="before enabling them"):
         qwen_fused.fuse_qkv(model)
     assert hasattr(model.transformer_blocks[0].attn, "to_q")  # untouched
+
+
+# every public way to get a fused model, each in a fresh interpreter that imports only that module
+_FUSE_PATHS = {
+    "qwen_fused.fuse_qkv": "import qwen_fused\nfuse = qwen_fused.fuse_qkv\n",
+    "qwen_fused.fuse.fuse_qkv": "from qwen_fused.fuse import fuse_qkv as fuse\n",
+    "qwen_fused.checkpoint.from_pretrained": (
+        "import tempfile\nfrom qwen_fused.checkpoint import from_pretrained\n"
+        "def fuse(m):\n"
+        "    with tempfile.TemporaryDirectory() as folder:\n"
+        "        m.save_pretrained(folder)\n"
+        "        return from_pretrained(folder)\n"),
+}
+
+
+@pytest.mark.parametrize("path", list(_FUSE_PATHS))
+def test_every_public_fuse_path_binds_the_lora_api(path):
+    """A fused model always carries diffusers' LoRA API for the merged layout (else diffusers' loaders silently
+    drop q/k/v), however it was fused, and without anything having imported the LoRA layer first: fuse.py may not
+    import it, the package root registers it (qwen_fused/bindings.py)."""
+    import subprocess
+    import sys
+
+    code = _FUSE_PATHS[path] + (
+        "import sys\n"
+        "from diffusers import QwenImageTransformer2DModel\n"
+        "from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin\n"
+        "assert not [m for m in sys.modules if m.split('.')[:2] == ['qwen_fused', 'lora']], 'LoRA layer imported first'\n"
+        "model = fuse(QwenImageTransformer2DModel(num_layers=1, num_attention_heads=1, attention_head_dim=16,\n"
+        "                                         joint_attention_dim=16, in_channels=16, axes_dims_rope=(4, 6, 6)))\n"
+        "from qwen_fused import is_fused, unfuse_qkv\n"
+        "from qwen_fused.lora import add_lora, fused_load_lora_adapter, fused_save_lora_adapter\n"
+        "assert is_fused(model)\n"
+        "for name, impl in [('load_lora_adapter', fused_load_lora_adapter), ('add_adapter', add_lora),\n"
+        "                   ('save_lora_adapter', fused_save_lora_adapter)]:\n"
+        "    bound = getattr(model, name)\n"
+        "    assert bound.func is impl and bound.args == (model,), (name, bound)\n"
+        "assert QwenImageLoraLoaderMixin.save_lora_weights.__func__._qwen_fused\n"
+        "unfuse_qkv(model)\n"
+        "assert not {'load_lora_adapter', 'add_adapter', 'save_lora_adapter'} & set(vars(model))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_fuse_layer_does_not_import_the_lora_layer():
+    """fuse.py sits below the LoRA layer: no import of qwen_fused.lora, not even inside a function."""
+    import ast
+    import pathlib
+
+    from qwen_fused import fuse
+
+    source = pathlib.Path(fuse.__file__).read_text()
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names += [f"{node.module or ''}.{a.name}" for a in node.names]
+    assert "from . import bindings" in source and "import_module" not in source and "__import__" not in source
+    assert not [n for n in names if "lora" in n.split(".")], names
+
+
+def test_blocks_get_unit_stride_rope_tables():
+    """The pos_embed hook hands the blocks cos/sin rows with unit inner stride (the kernel variant the op
+    benchmark times), equal to the op's own `rope_tables` (issue 10)."""
+    from qwen_fused.kernels import rope_tables
+    from qwen_fused.processor import pos_embed_hook, stream_rope
+
+    ang = torch.rand(11, 8, dtype=torch.float64) * 6
+    freqs = torch.polar(torch.ones_like(ang), ang).to(torch.complex64)
+    (table,) = pos_embed_hook(None, (), (freqs,))
+    assert table.shape == (11, 2, 8)
+    cos, sin = stream_rope(table)
+    assert cos.stride(-1) == 1 and sin.stride(-1) == 1
+    ref_cos, ref_sin = rope_tables(freqs)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)

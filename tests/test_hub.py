@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_fused import train as T
 from qwen_fused.cli import main
+from qwen_fused.demo import make_demo_dataset
+from qwen_fused.pipeline import edit_variant, load_pipeline
 from qwen_fused.tiny import save_tiny_pipeline
 
 REPO = "Org/Tiny-Edit-2509"
@@ -49,8 +50,8 @@ def cache_model(cache, repo, folder):
 
 def test_hub_id_loads_from_the_cache(hf_cache, saved):
     cache_model(hf_cache, REPO, saved)
-    pipe = T.load_pipeline(REPO)
-    assert T.edit_variant(pipe) == "2509"
+    pipe = load_pipeline(REPO)
+    assert edit_variant(pipe) == "2509"
 
 
 def test_edit_cli_with_hub_id(hf_cache, saved, tmp_path, capsys):
@@ -68,7 +69,7 @@ def test_train_cli_with_hub_id(hf_cache, tmp_path):
     save_tiny_pipeline(tmp_path / "tiny", variant="edit")
     cache_model(hf_cache, "Org/Tiny-Edit", tmp_path / "tiny")
     data = tmp_path / "data"
-    metadata = T.make_demo_dataset(str(data), n=1)
+    metadata = make_demo_dataset(str(data), n=1)
     out = tmp_path / "run"
     assert main(["train", "--pretrained_model_name_or_path", "Org/Tiny-Edit", "--dataset_base_path", str(data),
                  "--dataset_metadata_path", metadata, "--output_dir", str(out), "--max_pixels", "4096",
@@ -79,7 +80,7 @@ def test_train_cli_with_hub_id(hf_cache, tmp_path):
 def test_offline_and_not_cached_says_what_was_tried(hf_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError) as e:
-        T.load_pipeline("Org/Not-Cached")
+        load_pipeline("Org/Not-Cached")
     msg = str(e.value)
     assert "Org/Not-Cached" in msg
     assert f"no local folder {os.path.join(str(tmp_path), 'Org', 'Not-Cached')}" in msg
@@ -99,4 +100,4 @@ def test_offline_and_not_cached_is_an_error_line(hf_cache, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["./no_model", "~/no_model_here_xyz", "a/b/c", "/no/such/model"])
 def test_missing_local_path_is_a_missing_folder(hf_cache, name):
     with pytest.raises(FileNotFoundError, match=r"model folder .* does not exist"):
-        T.load_pipeline(name)
+        load_pipeline(name)

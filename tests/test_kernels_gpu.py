@@ -16,6 +16,7 @@ from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb
 from helpers import rel_err
 
 from qwen_fused.kernels import joint_qkv, set_backend
+from qwen_fused.processor import pos_embed_hook
 
 pytestmark = [pytest.mark.gpu, pytest.mark.kernel]
 H, D, C = 24, 128, 3072
@@ -85,8 +86,8 @@ def _ref(st):
 def _fused(streams):
     args = []
     for st in streams:
-        table = torch.view_as_real(st["freqs"].to(torch.complex64)).contiguous()  # [S, D//2, 2], the hook's
-        args.append({k: v for k, v in st.items() if k != "freqs"} | dict(cos=table[..., 0], sin=table[..., 1]))
+        table = pos_embed_hook(None, (), (st["freqs"],))[0]  # [S, 2, D//2], what the blocks get
+        args.append({k: v for k, v in st.items() if k != "freqs"} | dict(cos=table[:, 0], sin=table[:, 1]))
     return joint_qkv(*args, heads=H, eps=EPS)
 
 

@@ -2,10 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE as STOCK_AREA
 from PIL import Image
 
 import qwen_fused
-from qwen_fused.edit import STOCK_AREA, call_pipeline
+from qwen_fused.numerics import rel_err
+from qwen_fused.pipeline import call_pipeline
 from qwen_fused.tiny import FIRST_SPECIAL_ID, SPECIAL_TOKENS, save_tiny_pipeline, tiny_edit_pipeline
 
 AREA = 64 * 64  # condition-image area for fast runs (the stock pipelines use 1024 * 1024)
@@ -20,11 +22,6 @@ def _edit(pipe, variant, area=AREA, **kw):
     kw = dict(image=images, prompt="make it red", num_inference_steps=2, true_cfg_scale=1.0, height=32, width=32,
               generator=torch.Generator().manual_seed(0), output_type="pt", **kw)
     return call_pipeline(pipe, area=area, **kw).images
-
-
-def _rel(a, b):
-    d = (a.double() - b.double())
-    return (d.abs().max() / b.double().abs().max()).item(), (d.pow(2).mean().sqrt() / b.double().pow(2).mean().sqrt()).item()
 
 
 def test_tokenizer_special_ids():
@@ -47,13 +44,13 @@ def test_fused_pipeline_same_image(variant):
     qwen_fused.fuse_qkv(pipe)
     assert isinstance(pipe.transformer.transformer_blocks[0].attn.processor, qwen_fused.FusedQwenAttnProcessor)
     fused = _edit(pipe, variant)
-    err_max, err_rms = _rel(fused, stock)
+    err_max, err_rms = rel_err(fused, stock)
     print(f"{variant}: image rel err max {err_max:.2e} rms {err_rms:.2e}")
     assert err_max < 1e-5 and err_rms < 1e-5
     # the comparison can fail: the image depends on the fused projection's weights
     with torch.no_grad():
         pipe.transformer.transformer_blocks[0].attn.to_qkv.weight.mul_(1.5)
-    assert _rel(_edit(pipe, variant), stock)[0] > 1e-3
+    assert rel_err(_edit(pipe, variant), stock)[0] > 1e-3
 
 
 def test_save_and_from_pretrained(tmp_path):

@@ -14,11 +14,17 @@ from safetensors.torch import load_file, save_file
 
 import qwen_fused
 from qwen_fused import data as D
+from qwen_fused import encode as E
+from qwen_fused import flow as F
 from qwen_fused import train as T
+from qwen_fused import train_lora as L
+from qwen_fused import train_state as S
+from qwen_fused.demo import make_demo_dataset
 from qwen_fused.fuse import STREAMS
+from qwen_fused.pipeline import load_pipeline
 from qwen_fused.tiny import save_tiny_pipeline, tiny_transformer
 
-TARGETS = T.lora_targets(T.DEFAULT_TARGETS)
+TARGETS = L.lora_targets(L.DEFAULT_TARGETS)
 NON_QKV = [t for t in TARGETS if t not in STREAMS]
 
 
@@ -54,13 +60,13 @@ def paired_models(zero_cond_t=False, targets=TARGETS, seed=0):
     qwen_fused.fuse_qkv(fused)
     for m in (stock, fused):
         m.requires_grad_(False)
-    T.add_training_lora(fused, 4, 8.0, targets)
-    T.add_training_lora(stock, 4, 8.0, T.stock_targets(targets))
+    L.add_training_lora(fused, 4, 8.0, targets)
+    L.add_training_lora(stock, 4, 8.0, L.stock_targets(targets))
     g = torch.Generator().manual_seed(seed + 1)
-    fsd = T.lora_state(fused)
+    fsd = S.lora_state(fused)
     fsd = {k: torch.randn(v.shape, generator=g) * 0.2 for k, v in fsd.items()}
-    T.set_lora_state(fused, fsd)
-    T.set_lora_state(stock, to_stock_state(fsd))
+    S.set_lora_state(fused, fsd)
+    S.set_lora_state(stock, to_stock_state(fsd))
     return stock, fused
 
 
@@ -98,7 +104,7 @@ def test_step_matches_stock(zero_cond_t, edits):
     stock, fused = paired_models(zero_cond_t)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler(), weighting_scheme="cosmap")
+    flow = F.FlowMatching(FlowMatchEulerDiscreteScheduler(), weighting_scheme="cosmap")
     batch = synthetic_batch(edits=edits)
     torch.manual_seed(5)
     loss_f, d = flow.loss(fused, batch)
@@ -122,7 +128,7 @@ def test_gradient_checkpointing_same_step():
     ckpt.enable_gradient_checkpointing()
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    flow = F.FlowMatching(FlowMatchEulerDiscreteScheduler())
     batch = synthetic_batch(edits=((6, 8), (4, 4)))
     torch.manual_seed(2)
     la, d = flow.loss(fused, batch)
@@ -140,7 +146,7 @@ def test_steps_match_stock_without_qkv_lora():
     stock, fused = paired_models(targets=NON_QKV)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    flow = F.FlowMatching(FlowMatchEulerDiscreteScheduler())
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (fused, stock)]
     for step in range(4):
         batch = synthetic_batch(seed=step)
@@ -157,7 +163,7 @@ def test_loss_decreases_on_fixed_batch():
     _, fused = paired_models()
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    flow = F.FlowMatching(FlowMatchEulerDiscreteScheduler())
     opt = torch.optim.AdamW([p for p in fused.parameters() if p.requires_grad], lr=3e-3)
     batch = synthetic_batch()
     torch.manual_seed(0)
@@ -182,15 +188,15 @@ def test_fp8_base_matches_stock_layerwise_casting():
     reference = copy.deepcopy(stock)
     for m in (stock, fused):
         m.requires_grad_(False)
-    T.add_training_lora(fused, 4, 4, TARGETS)
-    T.add_training_lora(stock, 4, 4, T.stock_targets(TARGETS))
+    L.add_training_lora(fused, 4, 4, TARGETS)
+    L.add_training_lora(stock, 4, 4, L.stock_targets(TARGETS))
     stock.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
-    T.enable_fp8_base(fused, torch.float32)
+    L.enable_fp8_base(fused, torch.float32)
     assert fused.transformer_blocks[0].attn.to_qkv.base_layer.weight.dtype == torch.float8_e4m3fn
     batch = synthetic_batch()
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    flow = F.FlowMatching(FlowMatchEulerDiscreteScheduler())
     torch.manual_seed(1)
     lf, d = flow.loss(fused, batch)
     ls, _ = flow.loss(stock, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
@@ -219,13 +225,13 @@ def tiny_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def csv_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("csvdata")
-    return str(folder), T.make_demo_dataset(str(folder), n=2, edits=1)
+    return str(folder), make_demo_dataset(str(folder), n=2, edits=1)
 
 
 @pytest.fixture(scope="module")
 def json_data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("jsondata")
-    return str(folder), T.make_demo_dataset(str(folder), n=2, edits=2)
+    return str(folder), make_demo_dataset(str(folder), n=2, edits=2)
 
 
 def run_train(model, data, out, *extra):
@@ -270,12 +276,12 @@ def test_train_csv_end_to_end(tiny_models, csv_data, tmp_path, capsys):
                                          out / "checkpoint-final-standard.safetensors", tiny_models["edit"])
     trained = copy.deepcopy(base)
     qwen_fused.fuse_qkv(trained)
-    T.add_training_lora(trained, 4, 8.0, TARGETS)
-    T.set_lora_state(trained, load_file(out / "state" / "checkpoint-4" / "lora.safetensors"))
+    L.add_training_lora(trained, 4, 8.0, TARGETS)
+    S.set_lora_state(trained, load_file(out / "state" / "checkpoint-4" / "lora.safetensors"))
     batch = synthetic_batch()
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    flow = F.FlowMatching(FlowMatchEulerDiscreteScheduler())
     with torch.no_grad():
         torch.manual_seed(0)
         lt, d = flow.loss(trained, batch)
@@ -332,7 +338,7 @@ def test_resume_matches_uninterrupted(tiny_models, csv_data, tmp_path):
 
 def test_sigterm_saves_resumable_state(tiny_models, csv_data, tmp_path, monkeypatch):
     calls = {"n": 0}
-    loss = T.FlowMatching.loss
+    loss = F.FlowMatching.loss
 
     def loss_then_term(self, *a, **k):
         calls["n"] += 1
@@ -340,12 +346,12 @@ def test_sigterm_saves_resumable_state(tiny_models, csv_data, tmp_path, monkeypa
             os.kill(os.getpid(), signal.SIGTERM)
         return loss(self, *a, **k)
 
-    monkeypatch.setattr(T.FlowMatching, "loss", loss_then_term)
+    monkeypatch.setattr(F.FlowMatching, "loss", loss_then_term)
     out = tmp_path / "run"
     assert run_train(tiny_models["edit"], csv_data, out, "--max_train_steps", "50", "--save_steps", "100") == 143
     assert os.path.isfile(out / "state" / "checkpoint-3" / "train_state.json")
     assert not os.path.exists(out / "checkpoint-final.safetensors")
-    monkeypatch.setattr(T.FlowMatching, "loss", loss)
+    monkeypatch.setattr(F.FlowMatching, "loss", loss)
     assert run_train(tiny_models["edit"], csv_data, out, "--max_train_steps", "4", "--save_steps", "100",
                      "--resume_from_checkpoint", "latest") == 0
     assert os.path.isfile(out / "checkpoint-final.safetensors")
@@ -353,14 +359,14 @@ def test_sigterm_saves_resumable_state(tiny_models, csv_data, tmp_path, monkeypa
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tiny_models, csv_data, tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    loss = T.FlowMatching.loss
+    loss = F.FlowMatching.loss
 
     def nan_at_3(self, *a, **k):
         calls["n"] += 1
         value, d = loss(self, *a, **k)
         return (value * float("nan") if calls["n"] == 3 else value), d
 
-    monkeypatch.setattr(T.FlowMatching, "loss", nan_at_3)
+    monkeypatch.setattr(F.FlowMatching, "loss", nan_at_3)
     out = tmp_path / "run"
     assert run_train(tiny_models["edit"], csv_data, out) == 2
     err = capsys.readouterr().err
@@ -389,10 +395,8 @@ def test_lora_fused_applies_every_part(tiny_models, tmp_path):
     path = str(tmp_path / "lightning.safetensors")
     save_file(sd, path)
     args = T.add_arguments(__import__("argparse").ArgumentParser()).parse_args(["--lora_rank", "2"])
-    from qwen_fused.train import load_pipeline
-
     pipe = load_pipeline(tiny_models["edit"])
-    model = T.prepare_transformer(pipe, args, TARGETS, [(path, 0.7)])
+    model = L.prepare_transformer(pipe, args, TARGETS, [(path, 0.7)])
     # the stock reference: diffusers' own loader for the same file (kohya-like keys -> peft), scale 0.7
     stock = copy.deepcopy(base)
     peft_sd = {k.replace("lora_down", "lora_A").replace("lora_up", "lora_B"): v for k, v in sd.items()
@@ -403,7 +407,7 @@ def test_lora_fused_applies_every_part(tiny_models, tmp_path):
     batch = synthetic_batch()
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+    flow = F.FlowMatching(FlowMatchEulerDiscreteScheduler())
     with torch.no_grad():
         torch.manual_seed(0)
         lm, d = flow.loss(model, batch)  # the fresh training LoRA has B = 0: the model is base + Lightning
@@ -526,7 +530,7 @@ def trained_run(tiny_models, csv_data, tmp_path_factory):
     (["--lora_alpha", "2"], "--lora_alpha 2.0 (checkpoint: 4.0)"),
     (["--lora_target_modules", "to_qkv"], "--lora_target_modules to_qkv (checkpoint: "),
     (["--no_fuse"], "--no_fuse True (checkpoint: False)"),
-    (["--lora_alpha", "4", "--lora_target_modules", ", ".join(reversed(T.DEFAULT_TARGETS.split(","))) + ",to_qkv"],
+    (["--lora_alpha", "4", "--lora_target_modules", ", ".join(reversed(L.DEFAULT_TARGETS.split(","))) + ",to_qkv"],
      None),
 ], ids=["rank", "alpha", "targets", "no_fuse", "same_model"])
 def test_resume_with_other_settings(extra, needle, trained_run, tiny_models, csv_data, tmp_path, no_model_load,
@@ -564,8 +568,10 @@ def test_encoding_progress_reaches_total(tiny_models, csv_data, monkeypatch):
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
     records = D.read_metadata(*csv_data)
-    args = argparse.Namespace(max_pixels=4096, condition_area=T.CONDITION_AREA, cache=None, dataset_repeat=1)
-    T.build_dataset(args, T.load_pipeline(tiny_models["edit"]), Accelerator(cpu=True), records)
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE
+
+    args = argparse.Namespace(max_pixels=4096, condition_area=CONDITION_IMAGE_SIZE, cache=None, dataset_repeat=1)
+    E.build_dataset(args, load_pipeline(tiny_models["edit"]), Accelerator(cpu=True), records)
     assert [(b.n, b.total) for b in bars if b.desc == "encoding samples"] == [(2, 2)]
 
 
@@ -735,7 +741,7 @@ def test_timesteps_match_diffusers_script():
     for config, shifted in ((qwen, False), (dict(shift=3.0), True)):
         scheduler = FlowMatchEulerDiscreteScheduler(**config)
         scheduler.set_timesteps(4, mu=0.7 if config.get("use_dynamic_shifting") else None)  # must not matter
-        flow = T.FlowMatching(scheduler, weighting_scheme="logit_normal")
+        flow = F.FlowMatching(scheduler, weighting_scheme="logit_normal")
         torch.manual_seed(0)
         t, s = flow.sample(64, "cpu")
         ref = FlowMatchEulerDiscreteScheduler(**config)
@@ -760,11 +766,11 @@ def test_encoded_latents_are_the_pipelines(csv_data):
     pipe.vae.register_to_config(latents_mean=[0.3, -0.2, 0.1, 0.5], latents_std=[2.0, 0.5, 1.5, 3.0])
     record = D.read_metadata(*csv_data)[0]
     plan = D.plan_sample(record, 64 * 64, None)
-    sample = T.encode_sample(pipe, record, plan, "cpu")
+    sample = E.encode_sample(pipe, record, plan, "cpu")
     w, h = plan.edits[0]
     pixels = pipe.image_processor.preprocess(D.open_rgb(record.edit_images[0]), h, w).unsqueeze(2)
     _, image_latents = pipe.prepare_latents(pixels, 1, 4, h, w, torch.float32, "cpu", None)
-    assert torch.equal(T.pack(sample["edits"][0][None]), image_latents)
+    assert torch.equal(F.pack(sample["edits"][0][None]), image_latents)
     w, h = plan.target
     pixels = pipe.image_processor.preprocess(D.open_rgb(record.image), h, w).unsqueeze(2)
     raw = pipe.vae.encode(pixels).latent_dist.mode()
@@ -779,10 +785,10 @@ def test_cache_key_follows_model_files(tmp_path):
     path = tmp_path / "m"
     pipe = save_tiny_pipeline(path, seed=0)
     args = argparse.Namespace(pretrained_model_name_or_path=str(path))
-    key = T.model_key(args, pipe)
-    assert T.model_key(args, pipe) == key
+    key = E.model_key(args, pipe)
+    assert E.model_key(args, pipe) == key
     pipe.vae.save_pretrained(path / "vae")  # same class, dtype and path; rewritten files
-    assert T.model_key(args, pipe) != key
+    assert E.model_key(args, pipe) != key
 
 
 def test_demo_cli(tmp_path):
@@ -826,10 +832,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from diffusers import FlowMatchEulerDiscreteScheduler
 sys.path.insert(0, sys.argv[1])
-from test_train import TARGETS, T, rel, synthetic_batch, tiny_transformer
+from test_train import TARGETS, F, L, S, rel, synthetic_batch, tiny_transformer
 dist.init_process_group("gloo")
 m = tiny_transformer(0); qwen_fused.fuse_qkv(m); m.requires_grad_(False)
-T.add_training_lora(m, 4, 4, TARGETS)
+L.add_training_lora(m, 4, 4, TARGETS)
 torch.manual_seed(0)
 for n, p in m.named_parameters():
     if "lora_B" in n: p.data.normal_(0, 0.1)
@@ -838,7 +844,7 @@ for block in m.transformer_blocks: fully_shard(block)
 fully_shard(m)
 w = m.transformer_blocks[0].attn.to_qkv.base_layer.weight
 assert w.to_local().shape[0] == w.shape[0] // 2, w.to_local().shape
-flow = T.FlowMatching(FlowMatchEulerDiscreteScheduler())
+flow = F.FlowMatching(FlowMatchEulerDiscreteScheduler())
 batch = synthetic_batch()
 torch.manual_seed(1)
 loss, d = flow.loss(m, batch); loss.backward()
@@ -847,8 +853,8 @@ assert rel(loss.detach(), loss_ref.detach())[0] < 1e-6
 for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
     if p.requires_grad and q.grad is not None:
         assert rel(p.grad.full_tensor(), q.grad)[0] < 1e-5, n
-lora = T.lora_state(m, with_alpha=True)  # gathers the shards on every process
-assert all(torch.equal(lora[k], v) for k, v in T.lora_state(ref, with_alpha=True).items())
+lora = S.lora_state(m, with_alpha=True)  # gathers the shards on every process
+assert all(torch.equal(lora[k], v) for k, v in S.lora_state(ref, with_alpha=True).items())
 sd = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if dist.get_rank() == 0:
     assert torch.equal(sd["transformer_blocks.0.attn.to_qkv.base_layer.weight"],
@@ -873,14 +879,14 @@ def test_fsdp2_fused_blocks(tmp_path):
 
 DDP_STOP_SCRIPT = """
 import os, signal, sys
-from qwen_fused import train as T
-loss, calls = T.FlowMatching.loss, [0]
+from qwen_fused import flow as F, train as T
+loss, calls = F.FlowMatching.loss, [0]
 def loss_then_term(self, *a, **k):  # SIGTERM reaches rank 0 only, during its second step
     calls[0] += 1
     if os.environ["RANK"] == "0" and calls[0] == 2:
         os.kill(os.getpid(), signal.SIGTERM)
     return loss(self, *a, **k)
-T.FlowMatching.loss = loss_then_term
+F.FlowMatching.loss = loss_then_term
 sys.exit(T.main(sys.argv[1:]))
 """
 

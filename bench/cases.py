@@ -1,0 +1,100 @@
+"""Benchmark cases: one workload each (level, named shape, batch, mode, LoRA rank, checkpointing, blocks).
+
+Levels
+  op     the QKV stage of one block: both streams' projections + QK RMSNorm + RoPE + joint [text; image] layout
+  block  one full QwenImageTransformerBlock
+  model  N blocks of the real config run in sequence (per-block time x 60 is the full-model estimate)
+Modes
+  fwd     inference (no grad, no LoRA)
+  fwdbwd  LoRA training step: forward + backward, base weights frozen, LoRA on the seed's default targets
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+# named shapes: (S_img, S_txt)
+SHAPES = {
+    "t2i-1328": (6889, 256),
+    "edit-1024": (8192, 1024),
+    "edit-1024x2": (12288, 600),
+    "train-512": (2048, 400),
+}
+REAL_DIMS = dict(heads=24, head_dim=128)
+TINY_DIMS = dict(heads=2, head_dim=32)
+TINY_SEQ_DIV = 64  # reduced sizes without CUDA: sequence lengths divided by this
+FULL_MODEL_BLOCKS = 60
+
+QUICK_CASES = ["op/edit-1024/b1/fwd", "op/edit-1024/b1/fwdbwd-r64", "block/edit-1024/b1/fwd",
+               "block/train-512/b1/fwdbwd-r32"]
+
+
+
+@dataclass(frozen=True)
+class Case:
+    level: str            # op | block | model
+    shape: str            # key of SHAPES
+    batch: int = 1
+    mode: str = "fwd"     # fwd | fwdbwd
+    rank: int = 0         # LoRA rank (fwdbwd only)
+    gc: bool = False      # gradient checkpointing per block (block/model fwdbwd)
+    blocks: int = 1       # blocks run in sequence (model level)
+
+    @property
+    def name(self) -> str:
+        mode = self.mode + (f"-r{self.rank}" if self.rank else "") + ("-gc" if self.gc else "")
+        tail = f"/n{self.blocks}" if self.level == "model" else ""
+        return f"{self.level}/{self.shape}/b{self.batch}/{mode}{tail}"
+
+    @classmethod
+    def parse(cls, name: str, blocks: int = 4) -> "Case":
+        m = re.fullmatch(r"(op|block|model)/([\w.-]+?)/b(\d+)/(fwd|fwdbwd)(?:-r(\d+))?(-gc)?(?:/n(\d+))?", name)
+        if not m or m.group(2) not in SHAPES:
+            raise ValueError(f"cannot parse case {name!r}; expected LEVEL/SHAPE/bN/MODE[-rR][-gc][/nN] with SHAPE "
+                             f"one of {', '.join(SHAPES)}, e.g. {QUICK_CASES[1]}")
+        level, shape, b, mode, r, gc, n = m.groups()
+        if mode == "fwdbwd" and not r:
+            raise ValueError(f"case {name!r}: fwdbwd needs a LoRA rank, e.g. fwdbwd-r32")
+        if level == "op" and gc:
+            raise ValueError(f"case {name!r}: checkpointing applies to block and model levels")
+        if mode == "fwd" and (r or gc):
+            raise ValueError(f"case {name!r}: fwd is inference without LoRA or checkpointing")
+        return cls(level, shape, int(b), mode, int(r or 0), bool(gc),
+                   int(n) if n else (blocks if level == "model" else 1))
+
+
+def all_cases(blocks: int = 4) -> list[Case]:
+    """The full registry: every level x shape x batch x mode (x rank x checkpointing for training)."""
+    out = []
+    for level in ("op", "block", "model"):
+        n = blocks if level == "model" else 1
+        for shape in SHAPES:
+            for batch in (1, 2):
+                out.append(Case(level, shape, batch, "fwd", blocks=n))
+                for rank in (32, 64):
+                    for gc in ((False,) if level == "op" else (False, True)):
+                        out.append(Case(level, shape, batch, "fwdbwd", rank, gc, n))
+    return out
+
+
+def select_cases(patterns=None, level=None, mode=None, quick=False, blocks=4) -> list[Case]:
+    """Cases by name or glob (`--cases`), narrowed by `--level` / `--mode`; `quick` = the quick subset."""
+    if quick and not patterns:
+        patterns = QUICK_CASES
+    registry = all_cases(blocks)
+    if patterns:
+        cases = []
+        for pat in patterns:
+            if any(ch in pat for ch in "*?["):
+                hits = [c for c in registry if fnmatch.fnmatch(c.name, pat)]
+                if not hits:
+                    raise ValueError(f"--cases pattern {pat!r} matches no case")
+                cases += hits
+            else:
+                cases.append(Case.parse(pat, blocks))
+    else:
+        cases = registry
+    cases = [c for c in cases if (not level or c.level in level) and (not mode or c.mode in mode)]
+    seen = set()
+    return [c for c in cases if not (c.name in seen or seen.add(c.name))]

@@ -1,0 +1,112 @@
+"""`--demo` of `qwen-fused train` and `qwen-fused edit`: a tiny random Qwen-Image-Edit pipeline and synthetic
+images in a temp folder that goes when the process exits (the output the user asked for stays), so that either
+command runs offline in seconds."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from ._util import scratch_folder
+
+
+def make_demo_dataset(folder, n=4, size=(64, 48), edits=1, seed=0):
+    """Synthetic edit pairs: the edit image is random colour blocks, the target the same with red boosted."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    rows = []
+    for i in range(n):
+        blocks = rng.rand(size[1] // 8, size[0] // 8, 3)
+        src = np.kron(blocks, np.ones((8, 8, 1)))
+        names = []
+        for j in range(edits):
+            Image.fromarray((np.roll(src, j * 8, axis=1) * 255).astype("uint8")).save(
+                os.path.join(folder, "images", f"{i}_edit{j}.png"))
+            names.append(f"images/{i}_edit{j}.png")
+        tgt = src.copy()
+        tgt[..., 0] = np.clip(tgt[..., 0] * 0.5 + 0.5, 0, 1)
+        Image.fromarray((tgt * 255).astype("uint8")).save(os.path.join(folder, "images", f"{i}_target.png"))
+        rows.append({"image": f"images/{i}_target.png", "edit_image": names if edits > 1 else names[0],
+                     "prompt": "make it redder"})
+    if edits > 1:
+        path = os.path.join(folder, "metadata.json")
+        with open(path, "w") as f:
+            json.dump(rows, f)
+    else:
+        import csv
+
+        path = os.path.join(folder, "metadata.csv")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image", "edit_image", "prompt"])
+            w.writeheader()
+            w.writerows(rows)
+    return path
+
+
+def train_demo_args(args):
+    """Fill in a tiny offline training run: a saved tiny pipeline and synthetic data in a temp folder."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    from .tiny import save_tiny_pipeline
+
+    # under a multi-process launch the main process builds, the others use its folder; `cpu` as Accelerator
+    # reads it, so that both see the same distributed set-up (torchrun on CPU: ACCELERATE_USE_CPU=1)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # the tiny model and data only feed this run: they go when the main process exits; the output stays
+    folders = [None, None]
+    if state.is_main_process:
+        folders = [scratch_folder("qwen-fused-demo-"),
+                   args.output_dir or tempfile.mkdtemp(prefix="qwen-fused-demo-output-")]
+    if state.num_processes > 1:
+        broadcast_object_list(folders)
+    work, args.output_dir = folders
+    model_path, data_path = os.path.join(work, "model"), os.path.join(work, "data")
+    if state.is_main_process:
+        if not args.pretrained_model_name_or_path:
+            save_tiny_pipeline(model_path, seed=args.seed, variant=args.demo_variant)
+        if not args.dataset_metadata_path:
+            make_demo_dataset(data_path, edits=1 if args.demo_variant == "edit" else 2)
+    state.wait_for_everyone()
+    args.pretrained_model_name_or_path = args.pretrained_model_name_or_path or model_path
+    if not args.dataset_metadata_path:
+        args.dataset_base_path = data_path
+        args.dataset_metadata_path = os.path.join(data_path, "metadata.csv" if args.demo_variant == "edit"
+                                                  else "metadata.json")
+    if args.max_train_steps is None:
+        args.max_train_steps = 8
+    if args.max_pixels == 1048576:
+        args.max_pixels = 64 * 64
+    if args.lora_rank == 32:
+        args.lora_rank = 4
+    if args.save_steps == 500:
+        args.save_steps = 4
+    if state.is_main_process:
+        print(f"demo: tiny model and data in {work} (removed at exit); output in {args.output_dir}")
+    return args
+
+
+def edit_demo_args(args):
+    """Fill in a tiny offline edit: a saved tiny pipeline and a random input image in a temp folder."""
+    import numpy as np
+    from PIL import Image
+
+    from .tiny import save_tiny_pipeline
+
+    work = scratch_folder("qwen-fused-edit-demo-")  # model and input image: gone at exit; the output stays
+    args.model = args.model or os.path.join(work, "model")
+    if not os.path.exists(args.model):
+        save_tiny_pipeline(args.model, seed=args.seed, variant=args.demo_variant)
+    if not args.image:
+        path = os.path.join(work, "input.png")
+        Image.fromarray((np.random.RandomState(args.seed).rand(48, 64, 3) * 255).astype("uint8")).save(path)
+        args.image = [path] * (1 if args.demo_variant == "edit" else 2)
+    args.prompt = args.prompt or "make it red"
+    args.output = args.output or os.path.join(tempfile.mkdtemp(prefix="qwen-fused-edit-demo-output-"), "edit.png")
+    args.steps = 4 if args.steps == 50 else args.steps
+    args.area = args.area or 64 * 64
+    args.height, args.width = args.height or 32, args.width or 32
+    print(f"demo: tiny model in {args.model}")

@@ -1,0 +1,195 @@
+"""The LoRA algebra: one module's factors, exact standard <-> merged q/k/v conversion, LoraConfig ranks and scales.
+
+A LoRA on one module is `delta W = scale * B @ A` with `scale = alpha / rank` (alpha = rank when absent).
+Conversion (design.md section 2), all exact:
+  standard -> merged  A = cat(A_q, A_k, A_v), B = blockdiag(B_q, B_k, B_v) (rank r_q + r_k + r_v); when the
+                      present A are identical, A is kept and B = cat(B_q, B_k, B_v) (rank r). Different scales
+                      are folded into the B blocks (merged scale 1).
+  merged -> standard  B split by rows. A block-diagonal B (what standard -> merged makes, or what a masked
+                      training run keeps) splits back into the original per-part factors; otherwise every
+                      part gets the shared A.
+Tensors and names only: no model, no file, no peft layer (the layers above use these).
+"""
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..names import STANDARD, STREAMS
+
+
+@dataclass
+class LoraFactors:
+    """One module's LoRA: `delta W = scale * b @ a`, a `[r, in]`, b `[out, r]`, scale = alpha / r.
+
+    `bias` `[out]` is peft's `lora_B.bias` (lora_bias=True: `delta b = scale * bias`). `cols`, for a merged
+    q/k/v LoRA whose B is kept block-diagonal, holds each part's rank columns, so saving it in the standard layout
+    gives back each part's own factors even where B is still all zero.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    bias: torch.Tensor | None = None
+    cols: list | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ranks and scales from LoraConfig kwargs
+
+def rank_and_scale(cfg: dict, name: str, rank=None):
+    """`(rank, scale)` peft gives module `name` under LoraConfig kwargs `cfg` (rank/alpha patterns, rsLoRA);
+    `rank` stands in where `cfg` names none."""
+    from peft.utils.other import get_pattern_key
+
+    r_pat, a_pat = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    r = r_pat.get(get_pattern_key(r_pat.keys(), name), cfg.get("r", rank))
+    alpha = a_pat.get(get_pattern_key(a_pat.keys(), name), cfg.get("lora_alpha", r))
+    return r, alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def apply_config(modules, cfg: dict, only_missing=False):
+    """Set each module's alpha to what LoraConfig kwargs `cfg` give it (alpha = scale * rank, plain alpha/r
+    semantics), checking the ranks against the tensors."""
+    if cfg.get("use_dora"):
+        raise ValueError("this LoRA is a DoRA adapter (use_dora in its config); DoRA is not supported")
+    for name, f in modules.items():
+        if only_missing and f.alpha is not None:
+            continue
+        r, scale = rank_and_scale(cfg, name, f.rank)
+        if r != f.rank:
+            raise ValueError(f"{name}: the LoRA config says rank {r} but the tensors have rank {f.rank}")
+        f.alpha = scale * f.rank
+    return modules
+
+# ----------------------------------------------------------------------------------------------------------
+# the algebra
+
+def to_merged(modules: dict) -> dict:
+    """Standard q/k/v LoRAs -> one LoRA per merged projection (exact; see module docstring)."""
+    out, groups = {}, collections.defaultdict(dict)
+    for name, f in modules.items():
+        attn, _, leaf = name.rpartition(".")
+        if leaf in STANDARD:
+            merged, i = STANDARD[leaf]
+            groups[f"{attn}.{merged}"][i] = f
+        else:
+            out[name] = f
+    for name, parts in groups.items():
+        out[name] = _merge_parts(name, parts)
+    return out
+
+
+def _merge_parts(name, parts):
+    order = sorted(parts)
+    first = parts[order[0]]
+    n, c = first.b.shape[0], first.a.shape[1]
+    for i in order:
+        if parts[i].b.shape[0] != n or parts[i].a.shape[1] != c:
+            raise ValueError(f"{name}: q/k/v LoRAs disagree in shape (out {parts[i].b.shape[0]} vs {n}, in "
+                             f"{parts[i].a.shape[1]} vs {c}); not one attention's projections")
+    dtype = first.b.dtype
+    for i in order:
+        dtype = torch.promote_types(dtype, torch.promote_types(parts[i].a.dtype, parts[i].b.dtype))
+    scales = [parts[i].scale for i in order]
+    same_scale = all(s == scales[0] for s in scales)
+    no_alpha = all(parts[i].alpha is None for i in order)
+    same_a = all(parts[i].a.shape == first.a.shape and torch.equal(parts[i].a, first.a) for i in order)
+    a = first.a.to(dtype) if same_a else torch.cat([parts[i].a.to(dtype) for i in order])
+    b = torch.zeros(3 * n, a.shape[0], dtype=dtype, device=first.b.device)
+    has_bias = any(parts[i].bias is not None for i in order)
+    bias = torch.zeros(3 * n, dtype=dtype, device=first.b.device) if has_bias else None
+    col, blocks = 0, [torch.arange(0)] * 3
+    for i in order:
+        r = parts[i].rank
+        cols = slice(0, r) if same_a else slice(col, col + r)
+        scale = 1.0 if same_scale else parts[i].scale  # folded into B (and the bias) when the scales differ
+        b[i * n:(i + 1) * n, cols] = parts[i].b.to(dtype) * scale
+        if parts[i].bias is not None:
+            bias[i * n:(i + 1) * n] = parts[i].bias.to(dtype) * scale
+        blocks[i] = torch.arange(col, col + r)
+        col += r
+    rank = a.shape[0]
+    alpha = None if no_alpha else (scales[0] * rank if same_scale else float(rank))
+    return LoraFactors(a, b, alpha, bias, None if same_a else blocks)
+
+
+def to_standard(modules: dict) -> dict:
+    """Merged LoRAs -> one LoRA per q/k/v projection (exact; see module docstring)."""
+    out = {}
+    for name, f in modules.items():
+        attn, _, leaf = name.rpartition(".")
+        if leaf not in STREAMS:
+            out[name] = f
+            continue
+        if f.b.shape[0] % 3:
+            raise ValueError(f"{name}: merged LoRA B has {f.b.shape[0]} rows, not 3 equal q/k/v blocks")
+        n = f.b.shape[0] // 3
+        blocks = [f.b[i * n:(i + 1) * n] for i in range(3)]
+        biases = [None if f.bias is None else f.bias[i * n:(i + 1) * n] for i in range(3)]
+        cols = f.cols if f.cols is not None and _only_in(f.b, f.cols) else block_columns(f.b)
+        prefix = f"{attn}." if attn else ""
+        for i, std in enumerate(STREAMS[leaf]):
+            if cols is None:
+                out[prefix + std] = LoraFactors(f.a, blocks[i], f.alpha, biases[i])
+            elif len(cols[i]):
+                r, c = len(cols[i]), cols[i].to(f.a.device)
+                out[prefix + std] = LoraFactors(f.a[c], blocks[i][:, c], None if f.alpha is None else f.scale * r,
+                                                biases[i])
+    return out
+
+
+def _only_in(b, cols):
+    """True when each q/k/v row block of a merged B is zero outside its part's rank columns `cols`."""
+    n = b.shape[0] // 3
+    outside = torch.ones(b.shape, dtype=torch.bool, device=b.device)
+    for i, c in enumerate(cols):
+        outside[i * n:(i + 1) * n, c.to(b.device)] = False
+    return not bool(b[outside].any())
+
+
+def block_columns(b):
+    """The rank columns of each q/k/v part when a merged B `[3n, R]` is block-diagonal, else None.
+
+    Block-diagonal: every column is nonzero in at most one row block. Columns nonzero in no block go to the
+    part(s) whose B is entirely zero (a part that never got a gradient, e.g. text queries of the last block),
+    so a stock q/k/v LoRA comes back with its own rank. An all-zero B (fresh init) is not block-diagonal.
+    """
+    n = b.shape[0] // 3
+    used = torch.stack([(b[i * n:(i + 1) * n] != 0).any(0) for i in range(3)])  # [3, R]
+    if not used.any() or bool((used.sum(0) > 1).any()):
+        return None
+    free = ~used.any(0)
+    return [(used[i] if used[i].any() else free).nonzero().flatten() for i in range(3)]
+
+
+def convert(modules: dict, to: str) -> dict:
+    """{module: LoraFactors} with q/k/v targets converted to `to` ("merged" | "standard"), exactly."""
+    if to == "merged":
+        return to_merged(modules)
+    if to == "standard":
+        return to_standard(modules)
+    raise ValueError(f"to must be 'merged' or 'standard', got {to!r}")
+
+
+def config_kwargs(modules):
+    """LoraConfig kwargs for exact per-module ranks and alphas; `modules` maps name -> LoraFactors or (r, alpha)."""
+    pairs = {n: (f.rank, f.alpha) if isinstance(f, LoraFactors) else f for n, f in modules.items()}
+    ranks = {name: r for name, (r, _) in pairs.items()}
+    alphas = {name: float(r) if a is None else a for name, (r, a) in pairs.items()}
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(modules),
+            "rank_pattern": {f"^{k}": v for k, v in ranks.items() if v != r},
+            "alpha_pattern": {f"^{k}": v for k, v in alphas.items() if v != alpha}}

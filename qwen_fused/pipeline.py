@@ -1,0 +1,128 @@
+"""The stock Qwen-Image-Edit pipelines as `qwen-fused train` and `qwen-fused edit` both use them: loading one from
+a folder, a Hub id or the cache, telling its variant, the PATH[:SCALE] LoRA specs of both CLIs, and calling it with
+other image areas than the stock constants."""
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+
+
+def parse_lora_spec(spec: str, flag: str = "--lora"):
+    """'path' or 'path:scale' -> (path, scale), for every PATH[:SCALE] option (`flag` names it in errors).
+    An existing `spec` is a path even if it holds ':'."""
+    path, _, scale = spec.rpartition(":")
+    if path and not os.path.exists(spec):
+        try:
+            return path, float(scale)
+        except ValueError:
+            if os.path.exists(path):  # else the caller reports `spec` as missing
+                raise ValueError(f"bad scale '{scale}' in {flag} {spec} (expected PATH or PATH:SCALE)") from None
+    return spec, 1.0
+
+
+def edit_variant(pipe) -> str:
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+
+    if isinstance(pipe, QwenImageEditPlusPipeline):
+        return "2511" if pipe.transformer.config.get("zero_cond_t") else "2509"
+    if isinstance(pipe, QwenImageEditPipeline):
+        return "edit"
+    raise TypeError(f"expected a Qwen-Image-Edit pipeline (QwenImageEditPipeline or QwenImageEditPlusPipeline), "
+                    f"got {type(pipe).__name__}")
+
+
+def load_pipeline(path, dtype=torch.float32):
+    """The stock pipeline from a diffusers folder, a Hub id or the Hugging Face cache, resolved as
+    `DiffusionPipeline.from_pretrained` resolves them. A name found nowhere is a FileNotFoundError that says
+    what was tried."""
+    from diffusers import DiffusionPipeline
+
+    from . import tiny  # noqa: F401  (defines the tiny pipelines' processor class, so saved ones load too)
+
+    path = os.fspath(path)
+    if not os.path.isdir(path) and _looks_local(path):
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    from diffusers.utils import deprecation_utils
+
+    # diffusers renamed torch_dtype to dtype (0.42: `_resolve_dtype`); older releases know torch_dtype only
+    key = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path, **{key: dtype})
+    except OSError as e:
+        if os.path.isdir(path) or _cached(path):  # found, but broken: diffusers' own error says how
+            raise
+        raise FileNotFoundError(_not_found(path, e)) from e
+    edit_variant(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _looks_local(name) -> bool:
+    """A path, not a Hub id: no valid `[org/]name` id (/x, ./x, ~/x, a/b/c and C:\\x all are not)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _cached(repo_id) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+
+
+def _not_found(repo_id, error) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    # diffusers reports a Hub it could not ask as "not cached", with the Hub's own error as the cause
+    cause = error.__cause__ or error
+    why = (str(cause).splitlines() or [""])[0]
+    if constants.HF_HUB_OFFLINE:
+        hub = "the Hub was not asked (offline: HF_HUB_OFFLINE is set)"
+    elif isinstance(cause, HfHubHTTPError):
+        hub = f"the Hub answered: {why}"
+    else:
+        hub = f"the Hub is not reachable ({type(cause).__name__}: {why})"
+    return (f"model {repo_id} not found: no local folder {os.path.abspath(repo_id)}; not in the Hugging Face "
+            f"cache at {constants.HF_HUB_CACHE}; {hub}")
+
+
+def call_pipeline(pipe, *, area: int | None = None, condition_area: int | None = None, **kwargs):
+    """Call a stock `QwenImageEditPipeline` / `QwenImageEditPlusPipeline` with other target areas.
+
+    The stock `__call__` resizes each condition image to a fixed pixel area (diffusers' `VAE_IMAGE_SIZE`,
+    `1024 * 1024`; aspect kept, sides snapped to 32) before the VAE, and -2509/-2511 to `CONDITION_IMAGE_SIZE`
+    (`384 * 384`) for the text encoder; the first area also sets the default output size. `area` /
+    `condition_area` replace those constants. This runs the stock `__call__` code itself, with a private copy of
+    its module globals in which only those constants differ (its own `calculate_dimensions`, given `area`
+    where it was asked for the stock area): nothing in diffusers is modified and no pipeline code is copied.
+    Without either argument this is exactly `pipe(**kwargs)`.
+    """
+    if area is None and condition_area is None:
+        return pipe(**kwargs)
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE
+
+    stock_call = type(pipe).__call__
+    raw = getattr(stock_call, "__wrapped__", stock_call)  # under @torch.no_grad()
+    env = dict(raw.__globals__)
+    if "calculate_dimensions" not in env:
+        raise TypeError(f"{type(pipe).__name__} is not a Qwen-Image-Edit pipeline; cannot change its areas")
+    if area is not None:
+        stock_dims = env["calculate_dimensions"]
+
+        def calculate_dimensions(target_area, ratio):
+            return stock_dims(area if target_area == VAE_IMAGE_SIZE else target_area, ratio)
+
+        env["calculate_dimensions"] = calculate_dimensions
+    if condition_area is not None and "CONDITION_IMAGE_SIZE" in env:
+        env["CONDITION_IMAGE_SIZE"] = condition_area
+    call = types.FunctionType(raw.__code__, env, raw.__name__, raw.__defaults__, raw.__closure__)
+    call.__kwdefaults__ = raw.__kwdefaults__
+    with torch.no_grad():
+        return call(pipe, **kwargs)
