@@ -3,7 +3,8 @@
 Levels
   op     the QKV stage of one block: both streams' projections + QK RMSNorm + RoPE + joint [text; image] layout
   block  one full QwenImageTransformerBlock
-  model  N blocks of the real config run in sequence (per-block time x 60 is the full-model estimate)
+  model  the whole transformer with N blocks (embedders, blocks, output head; bench/model_level.py); a training
+         step there includes the AdamW step on the LoRA parameters
 Modes
   fwd     inference (no grad, no LoRA)
   fwdbwd  LoRA training step: forward + backward, base weights frozen, LoRA on the seed's default targets
@@ -28,7 +29,10 @@ FULL_MODEL_BLOCKS = 60
 
 QUICK_CASES = ["op/edit-1024/b1/fwd", "op/edit-1024/b1/fwdbwd-r64", "block/edit-1024/b1/fwd",
                "block/train-512/b1/fwdbwd-r32"]
-
+# `--quick` runs these too: the whole model as users run it (issue 11), inference and a LoRA training step with
+# AdamW. Kept apart because the pytest-benchmark suite (bench/test_bench_suite.py) takes QUICK_CASES through the
+# per-case `Workload`, which a 60-block model does not fit (it holds a reference-precision copy).
+QUICK_MODEL_CASES = ["model/edit-1024/b1/fwd/n60", "model/train-512/b1/fwdbwd-r32-gc/n60"]
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ def all_cases(blocks: int = 4) -> list[Case]:
 def select_cases(patterns=None, level=None, mode=None, quick=False, blocks=4) -> list[Case]:
     """Cases by name or glob (`--cases`), narrowed by `--level` / `--mode`; `quick` = the quick subset."""
     if quick and not patterns:
-        patterns = QUICK_CASES
+        patterns = QUICK_CASES + QUICK_MODEL_CASES
     registry = all_cases(blocks)
     if patterns:
         cases = []

@@ -14,7 +14,8 @@ def _csv(s):
 def add_parser(subparsers):
     p = subparsers.add_parser("bench", help="benchmark ours vs stock diffusers / peft / torch.compile",
                               description=__doc__)
-    p.add_argument("--quick", action="store_true", help="a small subset (< 3 minutes on an H100)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small subset with both model-level cases (about 5-6 minutes on an H100/H200)")
     p.add_argument("--cases", type=_csv, help="comma-separated case names or globs, e.g. 'op/edit-1024/*'")
     p.add_argument("--providers", type=_csv, help="comma-separated: stock,stock-compile,ours-triton,ours-torch,"
                                                    "ours-compile,gemm (stock is always added)")
@@ -67,11 +68,16 @@ def main(args) -> int:
         print(f"qwen-fused bench: error: {e}", file=sys.stderr)
         return 2
     providers = registry.select_providers(args.providers, cuda=device.type == "cuda")
-    record = runner.run(cases, providers, device, tiny=True if args.tiny else None, quick=args.quick)
-
     out = Path(args.out)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = _unique(out / f"bench-{stamp}.json")
+    partial = base.with_name(base.stem + "-partial.json")
+
+    def save_partial(rec):  # the cases finished so far, in case a time limit kills the run
+        report.atomic_write(partial, json.dumps(rec, indent=1) + "\n")
+    record = runner.run(cases, providers, device, tiny=True if args.tiny else None, quick=args.quick,
+                        on_case=save_partial)
+    partial.unlink(missing_ok=True)
     report.atomic_write(base, json.dumps(record, indent=1) + "\n")
     md = report.markdown(record)
     report.atomic_write(base.with_suffix(".md"), md)

@@ -125,11 +125,12 @@ def markdown(run) -> str:
                 continue
             t = f"{p['ms']:.3f} [{p['p20']:.3f}-{p['p80']:.3f}]" if "ms" in p else "-"
             err = f"{p['max_err']:.2e}" if "max_err" in p else "-"
-            mem = f"{p['peak_extra_mb']:.0f}" if "peak_extra_mb" in p else "-"
+            mem = "-" if "peak_extra_mb" not in p else (
+                "not measured" if p["peak_extra_mb"] is None else f"{p['peak_extra_mb']:.0f}")  # None: CPU
             first = f"{p['first_call_s']:.1f}" if "first_call_s" in p else "-"
             note = p.get("reason", "")
             if "full_model_est_ms" in p:
-                note = f"60-block estimate {p['full_model_est_ms']:.1f} ms " + note
+                note = f"{c['blocks']}-block estimate {p['full_model_est_ms']:.1f} ms " + note
             lines.append(f"| {c['case']} | {n} | {_status(p)} | {t} | {_fmt_ratio(p, 'vs_stock')} | "
                          f"{_fmt_ratio(p, 'vs_stock_compile')} | {err} | {mem} | {first} | {note.replace('|', '/')} |")
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """Verify, then time: one run over the selected cases and providers, returned as a JSON-ready dict."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import os
@@ -11,13 +12,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from qwen_fused import numerics
 
-from . import registry, report
-from .registry import FULL_MODEL_BLOCKS, PROVIDERS, Case, Unavailable, Workload
+from . import model_level, registry, report
+from .registry import PROVIDERS, Case, Unavailable, Workload
 
 # a provider passes when, for every output and gradient, its error against the reference is within
 # TOL_FACTOR x stock eager's own error (plus TOL_ABS, for outputs where stock happens to be very close)
@@ -208,6 +210,8 @@ def run_case(case: Case, providers: list[str], device, tiny=False, quick=False, 
         l2 = torch.cuda.get_device_properties(device).L2_cache_size or (50 << 20)
     else:
         l2 = 50 << 20
+    if case.level == "model":
+        return _run_model_case(case, providers, device, tiny, quick, ceilings, seed, prefix)
     log(f"{prefix}{case.name}: building (random weights, {'tiny' if tiny else 'real'} width)")
     w = Workload(case, device, tiny=tiny, seed=seed, l2_bytes=l2)
     cost = case_cost(w)
@@ -215,9 +219,7 @@ def run_case(case: Case, providers: list[str], device, tiny=False, quick=False, 
            "rank": case.rank, "gc": case.gc, "blocks": case.blocks, "s_img": w.s_img, "s_txt": w.s_txt,
            "dim": w.dim, "heads": w.heads, "input_sets": len(w.inputs), **cost, "providers": {}}
     if ceilings:
-        t_flops = cost["flops"] / (ceilings["matmul_tflops"] * 1e9)
-        t_bytes = cost["bytes"] / (ceilings["copy_tbps"] * 1e9)
-        res.update(floor_ms=max(t_flops, t_bytes), floor_bound="compute" if t_flops > t_bytes else "memory")
+        _floor(res, ceilings)
     ref = registry.build_reference(w).collect(w.inputs[0])
     ref = {k: v.detach().clone() for k, v in ref.items()}
     w.release_reference()
@@ -244,6 +246,32 @@ def run_case(case: Case, providers: list[str], device, tiny=False, quick=False, 
         log(f"{prefix}{case.name}: {name:14s} {_line(entry)}")
     _ratios(res)
     return res
+
+
+def _run_model_case(case, providers, device, tiny, quick, ceilings, seed, prefix) -> dict:
+    """The whole transformer, one model for all providers (bench/model_level.py)."""
+    res = {"case": case.name, "level": case.level, "shape": case.shape, "batch": case.batch, "mode": case.mode,
+           "rank": case.rank, "gc": case.gc, "blocks": case.blocks, "providers": {}}
+    model_level.run_model_case(case, providers, device, tiny, quick, seed, res, judge, compare, log, prefix)
+    for entry in res["providers"].values():
+        if "ms" in entry and res["blocks_run"] != res["blocks"]:
+            entry["full_model_est_ms"] = entry["ms"] / res["blocks_run"] * res["blocks"]
+    sizes = SimpleNamespace(case=dataclasses.replace(case, blocks=res["blocks_run"]), dim=res["dim"],
+                            s_img=res["s_img"], s_txt=res["s_txt"], dtype=torch.bfloat16)
+    res.update(case_cost(sizes))  # the blocks' cost (embedders, head and optimizer step are small beside it)
+    if ceilings:
+        _floor(res, ceilings)
+    for name, entry in res["providers"].items():
+        entry["label"] = PROVIDERS[name].label
+        log(f"{prefix}{case.name}: {name:14s} {_line(entry)}")
+    _ratios(res)
+    return res
+
+
+def _floor(res, ceilings):
+    t_flops = res["flops"] / (ceilings["matmul_tflops"] * 1e9)
+    t_bytes = res["bytes"] / (ceilings["copy_tbps"] * 1e9)
+    res.update(floor_ms=max(t_flops, t_bytes), floor_bound="compute" if t_flops > t_bytes else "memory")
 
 
 def _run_provider(w, name, ref, stock_errs, device, quick) -> dict:
@@ -274,8 +302,6 @@ def _run_provider(w, name, ref, stock_errs, device, quick) -> dict:
 
     med, p20, p80 = bench_fn(fn, device, impl.grads, quick)
     out.update(ms=med, p20=p20, p80=p80)
-    if w.case.level == "model":
-        out["full_model_est_ms"] = med / w.case.blocks * FULL_MODEL_BLOCKS
     if torch.device(device).type == "cuda":
         sync(device)
         for g in impl.grads:
@@ -311,8 +337,9 @@ def _line(e):
 
 
 # ----------------------------------------------------------------------------------------------- run
-def run(cases: list[Case], providers: list[str], device=None, tiny=None, quick=False, seed=0) -> dict:
-    """Measure `cases` x `providers` on `device` (default: CUDA if present). Returns the run record."""
+def run(cases: list[Case], providers: list[str], device=None, tiny=None, quick=False, seed=0, on_case=None) -> dict:
+    """Measure `cases` x `providers` on `device` (default: CUDA if present). Returns the run record;
+    `on_case(record)` after each case (a run killed by a time limit still leaves the cases it finished)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     tiny = (not cuda) if tiny is None else tiny
@@ -333,5 +360,7 @@ def run(cases: list[Case], providers: list[str], device=None, tiny=None, quick=F
     for i, case in enumerate(cases):
         record["cases"].append(run_case(case, providers, device, tiny, quick, ceilings, seed,
                                         prefix=f"[{i + 1}/{len(cases)}] "))
+        if on_case:
+            on_case(record)
     record["wall_s"] = time.perf_counter() - t_start
     return record

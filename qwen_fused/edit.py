@@ -1,10 +1,12 @@
 """`qwen-fused edit`: image editing with diffusers' Qwen-Image-Edit pipelines, fused attention on by default."""
 from __future__ import annotations
 
+import argparse
+
 from ._util import resolve_device
 from .atomic import atomic_output
 from .demo import edit_demo_args
-from .pipeline import call_pipeline, edit_variant, load_pipeline, parse_lora_spec
+from .pipeline import call_pipeline, compile_blocks, edit_variant, load_pipeline, parse_lora_spec
 
 
 def add_parser(subparsers):
@@ -34,6 +36,9 @@ def add_parser(subparsers):
     p.add_argument("--output", default=None, help="PNG path (default: edit.png; with --demo a temp file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-fuse", dest="fuse", action="store_false", help="stock diffusers attention")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each transformer block (diffusers' compile_repeated_blocks; the first denoising "
+                        "step includes the compile time). Default: on with CUDA, off on a CPU")
     p.add_argument("--demo", action="store_true", help="tiny random offline pipeline and a synthetic image")
     p.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511"],
                    help="the --demo model: Qwen-Image-Edit, -2509 or -2511")
@@ -104,6 +109,7 @@ def run(args) -> int:
         print(f"qwen-fused edit: error: {e}", file=sys.stderr)
         return 2
     pipe.to(device)
+    compile_blocks(pipe.transformer, args.compile, device)
     pipe.set_progress_bar_config(disable=False)
     # true CFG needs a negative prompt; without one the pipeline's default scale (4.0) would only make it warn
     scale = args.true_cfg_scale if args.true_cfg_scale is not None or args.negative_prompt is not None else 1.0

@@ -126,3 +126,15 @@ def call_pipeline(pipe, *, area: int | None = None, condition_area: int | None =
     call.__kwdefaults__ = raw.__kwdefaults__
     with torch.no_grad():
         return call(pipe, **kwargs)
+
+
+def compile_blocks(transformer, compile_flag, device) -> bool:
+    """`--compile` / `--no-compile` (None: on with CUDA, where it pays; off on a CPU, where compiling takes longer
+    than a short run saves): diffusers' regional compilation of the transformer blocks, fullgraph (the fused
+    processor and its op are fullgraph-safe, so a graph break is a bug to see, not a slowdown to hide). Returns
+    whether it compiled."""
+    if compile_flag is None:
+        compile_flag = torch.device(device).type == "cuda"
+    if compile_flag:
+        transformer.compile_repeated_blocks(fullgraph=True)
+    return bool(compile_flag)

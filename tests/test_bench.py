@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from qwen_fused.bench import registry, report, runner
+from qwen_fused.bench import model_level, registry, report, runner
 from qwen_fused.bench.registry import PROVIDERS, Case, Provider
 from qwen_fused.cli import main as cli_main
 
@@ -23,7 +23,7 @@ def test_case_names_round_trip_and_bad_names_are_named():
     assert len({c.name for c in cases}) == len(cases)
     for c in cases:
         assert Case.parse(c.name) == c
-    assert [c.name for c in registry.select_cases(quick=True)] == registry.QUICK_CASES
+    assert [c.name for c in registry.select_cases(quick=True)] == registry.QUICK_CASES + registry.QUICK_MODEL_CASES
     assert {c.level for c in registry.select_cases(["*/edit-1024/b1/fwd*"], level=["block"])} == {"block"}
     with pytest.raises(ValueError, match="SHAPE"):
         Case.parse("op/edit-2048/b1/fwd")
@@ -179,3 +179,86 @@ def test_unusable_device_is_an_error_line(tmp_path, monkeypatch, capsys):
     assert cli_main(["bench", "--cases", "op/train-512/b1/fwd", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "qwen-fused bench: error: --device cuda: no cuda device available" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------- model level
+MODEL_CASES = ["model/edit-1024/b1/fwd/n60", "model/train-512/b1/fwdbwd-r32-gc/n60"]
+
+
+def test_model_case_names_parse_and_are_quick():
+    fwd, train = (Case.parse(n) for n in MODEL_CASES)
+    assert (fwd.level, fwd.shape, fwd.mode, fwd.blocks) == ("model", "edit-1024", "fwd", 60)
+    assert (train.level, train.shape, train.mode, train.rank, train.gc, train.blocks) == \
+        ("model", "train-512", "fwdbwd", 32, True, 60)
+    assert [fwd.name, train.name] == MODEL_CASES
+    assert registry.QUICK_MODEL_CASES == MODEL_CASES
+    assert [c.name for c in registry.select_cases(quick=True, level=["model"])] == MODEL_CASES
+
+
+def test_interleaving_alternates_direction():
+    order = model_level.interleaved(["stock", "stock-compile"], 3)
+    assert order == ["stock", "stock-compile", "stock-compile", "stock", "stock", "stock-compile"]
+    order = model_level.interleaved(["a", "b", "c"], 4)
+    assert order[:6] == ["a", "b", "c", "c", "b", "a"]
+    assert all(order.count(n) == 4 for n in "abc")
+
+
+def test_ours_gets_the_stock_lora_through_load_lora():
+    import qwen_fused
+
+    # fp32, so that the same LoRA has to give the same output to rounding
+    s = model_level.Setup(Case.parse(MODEL_CASES[1]), CPU, tiny=True, blocks=2, dtype=torch.float32)
+    model = s.model(2)
+    rank = s.case.rank
+    steps = model_level.groups(s, model, ["stock", "ours-torch"])
+    names, run = next(steps)
+    assert names == ["stock"]
+    stock_lora = {k: v.clone() for k, v in model_level.lora_tensors(model).items()}
+    a = [stock_lora[f"transformer_blocks.0.attn.{p}.lora_A.default.weight"] for p in ("to_q", "to_k", "to_v")]
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[1], a[2])  # a stock LoRA: its own A per projection
+    run.use("stock")
+    stock = run.collect(rank)
+    names, run = next(steps)
+    assert names == ["ours-torch"] and qwen_fused.is_fused(model)
+    assert any(".to_qkv.lora_A." in n for n in model_level.lora_tensors(model))
+    ours_lora = model_level.stock_view(model_level.lora_tensors(model), rank)
+    assert ours_lora.keys() == stock_lora.keys()
+    for k in stock_lora:
+        assert torch.equal(ours_lora[k].to(stock_lora[k].dtype), stock_lora[k]), k
+    run.use("ours-torch")
+    ours = run.collect(rank)
+    registry.use_backend_reset()
+    assert ours.keys() == stock.keys() and any(k.endswith("to_v.lora_B.default.weight") for k in ours)
+    for k in stock:
+        assert runner.rel_err(ours[k], stock[k]) < 1e-4, k
+
+
+def test_model_cases_run_and_verify_on_cpu():
+    done = []  # the CLI saves a partial record after each case (a time limit then loses only the last one)
+    rec = runner.run([Case.parse(n) for n in MODEL_CASES], ["stock", "ours-triton", "ours-torch"], CPU,
+                     tiny=True, quick=True, on_case=lambda r: done.append(len(r["cases"])))
+    assert done == [1, 2]
+    json.dumps(rec)
+    for case in rec["cases"]:
+        assert case["blocks"] == 60 and case["blocks_run"] == model_level.TINY_MAX_BLOCKS
+        provs = case["providers"]
+        assert provs["ours-triton"]["status"] == "unavailable"
+        for name in ("stock", "ours-torch"):
+            p = provs[name]
+            assert p["status"] == "ok", p.get("reason")
+            assert len(p["samples_ms"]) == case["repeats"] == model_level.repeats(cuda=False, quick=True)
+            assert p["p20"] <= p["ms"] <= p["p80"] and p["peak_extra_mb"] is None  # CPU: not measured
+            assert p["full_model_est_ms"] > p["ms"]
+        assert set(provs["ours-torch"]["errors"]) == set(provs["stock"]["errors"])
+    train = rec["cases"][1]["providers"]["ours-torch"]["errors"]
+    assert any(k.startswith("grad.") and ".to_k.lora_A." in k for k in train)  # LoRA grads, stock naming
+    md = report.markdown(rec)
+    assert "model/train-512/b1/fwdbwd-r32-gc/n60 | ours-torch | ok" in md and "not measured" in md
+
+
+def test_model_case_compiled_providers_verify_on_cpu():
+    # inference only: compiling a training step of even a tiny model takes minutes on two CPU cores
+    rec = runner.run([Case.parse("model/edit-1024/b1/fwd/n2")], ["stock", "stock-compile", "ours-compile"], CPU,
+                     tiny=True, quick=True)
+    for name, p in rec["cases"][0]["providers"].items():
+        assert p["status"] == "ok" and len(p["samples_ms"]) == rec["cases"][0]["repeats"], (name, p.get("reason"))

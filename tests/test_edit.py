@@ -180,3 +180,10 @@ def test_demo_leaves_nothing_in_temp(tmp_path):
     assert str(temp) in res.stdout  # the demo did use this temp folder
     assert Image.open(out).size == (32, 32)
     assert not list(temp.iterdir())
+
+
+def test_compile_gives_the_same_image(model, image, lora, tmp_path):
+    """`--compile` (inductor on this CPU) with a LoRA: the same image as eager."""
+    assert _edit(model, image, tmp_path / "eager.png", "--lora", lora, "--no-compile") == 0
+    assert _edit(model, image, tmp_path / "compiled.png", "--lora", lora, "--compile") == 0
+    assert np.abs(_pixels(tmp_path / "compiled.png") - _pixels(tmp_path / "eager.png")).max() <= 1

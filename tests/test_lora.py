@@ -19,18 +19,12 @@ import qwen_fused
 from qwen_fused import convert_lora, fuse_qkv, load_lora, save_lora
 from qwen_fused.lora import add_lora, detect_lora_layout, parse_lora
 from qwen_fused.lora_factors import linear_lora_factors
+from qwen_fused.names import STANDARD, STREAMS
+from qwen_fused.numerics import rel_err
 
 CFG = TINY_CFG
 INNER = 96
-QKV = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
-MERGED = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
-
-
-def rel_err(out, ref):
-    """(max |out - ref| / max |ref|, rms(out - ref) / rms(ref)); an all-zero ref must be matched exactly."""
-    d, ref = out.double() - ref.double(), ref.double()
-    return ((d.abs().max() / ref.abs().max().clamp_min(1e-300)).item(),
-            (d.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-300)).item())
+QKV = tuple(STANDARD)
 
 
 def assert_close(out, ref, tol, what=""):
@@ -136,8 +130,8 @@ def standard_deltas(lora):
     for name, (a, b, alpha) in lora.items():
         delta = b @ a * (1.0 if alpha is None else alpha / a.shape[0])
         attn, _, leaf = name.rpartition(".")
-        if leaf in MERGED:
-            for i, std in enumerate(MERGED[leaf]):
+        if leaf in STREAMS:
+            for i, std in enumerate(STREAMS[leaf]):
                 out[f"{attn}.{std}"] = out.get(f"{attn}.{std}", 0) + delta[i * INNER:(i + 1) * INNER]
         else:
             out[name] = out.get(name, 0) + delta

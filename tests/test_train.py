@@ -20,7 +20,8 @@ from qwen_fused import train as T
 from qwen_fused import train_lora as L
 from qwen_fused import train_state as S
 from qwen_fused.demo import make_demo_dataset
-from qwen_fused.fuse import STREAMS
+from qwen_fused.names import STREAMS
+from qwen_fused.numerics import rel_err
 from qwen_fused.pipeline import load_pipeline
 from qwen_fused.tiny import save_tiny_pipeline, tiny_transformer
 
@@ -28,14 +29,8 @@ TARGETS = L.lora_targets(L.DEFAULT_TARGETS)
 NON_QKV = [t for t in TARGETS if t not in STREAMS]
 
 
-def rel(a, b):
-    a, b = a.double(), b.double()
-    scale = b.abs().max().clamp_min(1e-30)
-    return ((a - b).abs().max() / scale).item(), ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
 def assert_close(a, b, what, tol=1e-5):
-    err_max, err_rms = rel(a, b)
+    err_max, err_rms = rel_err(a, b)
     assert err_max < tol and err_rms < tol, f"{what}: rel err max {err_max:.2e} rms {err_rms:.2e}"
     return err_max
 
@@ -202,8 +197,8 @@ def test_fp8_base_matches_stock_layerwise_casting():
     ls, _ = flow.loss(stock, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
     lr, _ = flow.loss(reference, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])
     err = assert_close(lf.detach(), ls.detach(), "fp8 loss fused vs stock")
-    print(f"fp8 loss rel err {err:.2e}; fp8 vs full precision {rel(lf.detach(), lr.detach())[0]:.2e}")
-    assert rel(lf.detach(), lr.detach())[0] > 1e-4  # the fp8 storage really took effect
+    print(f"fp8 loss rel err {err:.2e}; fp8 vs full precision {rel_err(lf.detach(), lr.detach())[0]:.2e}")
+    assert rel_err(lf.detach(), lr.detach())[0] > 1e-4  # the fp8 storage really took effect
     lf.backward()
     assert fused.transformer_blocks[0].attn.to_qkv.base_layer.weight.dtype == torch.float8_e4m3fn
     assert fused.transformer_blocks[0].attn.to_qkv.lora_B["default"].weight.grad.abs().max() > 0
@@ -289,7 +284,23 @@ def test_train_csv_end_to_end(tiny_models, csv_data, tmp_path, capsys):
         lb = flow.loss(base, batch, **kw)[0]
         for name, m in (("merged file on fused", fused), ("standard file on stock", stock)):
             assert_close(flow.loss(m, batch, **kw)[0], lt, name)
-    assert rel(lt, lb)[0] > 1e-6  # training changed the model
+    assert rel_err(lt, lb)[0] > 1e-6  # training changed the model
+
+
+def test_compiled_training_matches_eager(tiny_models, csv_data, tmp_path, capsys):
+    """`train --compile` on this CPU (inductor), with gradient checkpointing: the same LoRA after two steps as
+    eager (same losses, same gradients), and the first step's compile time is logged."""
+    runs = {}
+    for mode in ("--no-compile", "--compile"):
+        out = tmp_path / mode.strip("-")
+        assert run_train(tiny_models["edit"], csv_data, out, "--max_train_steps", "2", "--use_gradient_checkpointing",
+                         mode) == 0
+        runs[mode] = load_file(out / "checkpoint-final.safetensors")
+    assert "first step" in capsys.readouterr().out
+    eager, compiled = runs["--no-compile"], runs["--compile"]
+    assert eager.keys() == compiled.keys()
+    for k in eager:
+        assert_close(compiled[k], eager[k], k, tol=1e-4)
 
 
 def test_train_json_two_edit_images_2511_cache(tiny_models, json_data, tmp_path, capsys):
@@ -415,8 +426,8 @@ def test_lora_fused_applies_every_part(tiny_models, tmp_path):
         ls = flow.loss(stock, batch, **kw)[0]
         lb = flow.loss(base, batch, **kw)[0]
     err = assert_close(lm, ls, "fused Lightning vs stock + Lightning")
-    print(f"--lora_fused loss rel err {err:.2e}; effect of the LoRA {rel(lm, lb)[0]:.2e}")
-    assert rel(lm, lb)[0] > 1e-4
+    print(f"--lora_fused loss rel err {err:.2e}; effect of the LoRA {rel_err(lm, lb)[0]:.2e}")
+    assert rel_err(lm, lb)[0] > 1e-4
     blk = model.transformer_blocks[0].attn.to_qkv.base_layer.weight
     assert not torch.equal(blk[32:64], torch.cat([base.transformer_blocks[0].attn.to_k.weight]))  # k slice changed
 
@@ -832,7 +843,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from diffusers import FlowMatchEulerDiscreteScheduler
 sys.path.insert(0, sys.argv[1])
-from test_train import TARGETS, F, L, S, rel, synthetic_batch, tiny_transformer
+from qwen_fused.numerics import rel_err as rel
+from test_train import TARGETS, F, L, S, synthetic_batch, tiny_transformer
 dist.init_process_group("gloo")
 m = tiny_transformer(0); qwen_fused.fuse_qkv(m); m.requires_grad_(False)
 L.add_training_lora(m, 4, 4, TARGETS)
