@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# One-command GPU run on an offline machine: install from local wheels, run the GPU/kernel tests, then
-# `qwen-fused bench --quick`. Everything lands in OUTDIR (few files: the device machine returns at most 8):
-#   gpu_run.log  nvidia-smi.txt  gpu_tests.log  bench-*.json  bench-*.md  bench-*.png  <gpu-slug>.json
-# The last is bench/results/<gpu-slug>.json with this run appended; copy it back into bench/results/.
+# One-command GPU run on an offline machine: install from local wheels, run the GPU/kernel tests, tune the
+# dispatcher (kernels/tuning/<gpu-slug>.json, which the benchmark then uses), then `qwen-fused bench --quick`.
+# Everything lands in OUTDIR (few files: the device machine returns at most 8):
+#   gpu_run.log  nvidia-smi.txt  gpu_tests.log  tuning-<gpu-slug>.json  bench-*.json  bench-*.md  bench-*.png
+#   <gpu-slug>.json
+# Copy tuning-<gpu-slug>.json back to kernels/tuning/<gpu-slug>.json, and <gpu-slug>.json
+# (bench/results/<gpu-slug>.json with this run appended) back into bench/results/.
 #
 # usage: bench/gpu_run.sh OUTDIR
 # env:   QF_WHEELS (default: .whl/ in the repo root)   QF_SITE (default /tmp/qf_site)
 #        QWEN_FUSED_COMMIT: the commit to record where the copy has no git
 #        QF_SHIM=1: skip the editable install, use the symlink shim
-#        QF_TEST_TIMEOUT (s, default 120)   QF_BENCH_TIMEOUT (s, default 200)   QF_BENCH_ARGS (default --quick)
+#        QF_TEST_TIMEOUT (s, default 180)   QF_BENCH_TIMEOUT (s, default 420)   QF_BENCH_ARGS (default --quick)
+#        --quick now holds the two model-level cases (compiles dominate: estimated 5-7 min on an H100/H200), so
+#        tests + tune + bench exceed one 600 s device call: run `QF_BENCH_ARGS="--quick --level op,block"` first,
+#        then a second call with `QF_TEST_TIMEOUT=1 QF_TUNE_TIMEOUT=1 QF_BENCH_ARGS="--quick --level model"`
+#        QF_TUNE_TIMEOUT (s, default 90)   QF_TUNE_ARGS (extra args of python -m qwen_fused.kernels.tune)
 #        QF_TILE_SWEEP="BM,maxN,BK,warps,stages ..." also times the op's forward at each tile config (tile_sweep.log)
 set -uo pipefail
 
@@ -61,13 +68,22 @@ print("torch", torch.__version__, "| triton", triton.__version__, "| diffusers",
 EOF
 
 step "GPU and kernel tests"
-timeout "${QF_TEST_TIMEOUT:-120}" python -m pytest "$REPO/tests" -m "gpu or kernel" -q -rfEs --maxfail=15 -p no:cacheprovider \
+timeout "${QF_TEST_TIMEOUT:-180}" python -m pytest "$REPO/tests" -m "gpu or kernel" -q -rfEs --maxfail=15 -p no:cacheprovider \
     > "$OUT/gpu_tests.log" 2>&1
 echo "pytest exit $? (124 = timed out)"; tail -n 15 "$OUT/gpu_tests.log"
 
+step "tune the dispatcher (fused vs gemm+epilogue, per rows / LoRA rank / dtype)"
+# shellcheck disable=SC2086
+timeout "${QF_TUNE_TIMEOUT:-90}" python -m qwen_fused.kernels.tune --out "$REPO/kernels/tuning" ${QF_TUNE_ARGS:-}
+echo "tune exit $? (124 = timed out)"
+table=$(python -c "import torch; from qwen_fused.kernels.dispatch import slug
+print(slug(torch.cuda.get_device_name()))" 2>/dev/null)
+[ -n "$table" ] && [ -f "$REPO/kernels/tuning/$table.json" ] && cp "$REPO/kernels/tuning/$table.json" \
+    "$OUT/tuning-$table.json"
+
 step "benchmark"
 # shellcheck disable=SC2086
-timeout "${QF_BENCH_TIMEOUT:-200}" python -m qwen_fused.cli bench ${QF_BENCH_ARGS:---quick} --out "$OUT" \
+timeout "${QF_BENCH_TIMEOUT:-420}" python -m qwen_fused.cli bench ${QF_BENCH_ARGS:---quick} --out "$OUT" \
     --results-dir "$REPO/bench/results"
 rc=$?
 echo "bench exit $rc (124 = timed out, 3 = a provider failed verification)"

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
+
+from qwen_fused.atomic import atomic_output
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ORDER = ["stock", "stock-compile", "ours-triton", "ours-torch", "ours-compile", "gemm"]
@@ -26,19 +26,11 @@ def slug(name: str) -> str:
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write a results file whole or not at all (`qwen_fused.atomic`), replacing an older one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_output(path, overwrite=True) as tmp:
+        Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def read_results(path: Path) -> dict:
@@ -185,10 +177,9 @@ def chart(run, path: Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_output(path, overwrite=True) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

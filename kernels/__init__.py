@@ -1,9 +1,12 @@
 """Triton kernels and their pure-torch references. Knows tensors only (no diffusers, no peft).
 
 Installed as `qwen_fused.kernels`; never imported as a top-level `kernels` module. The backend
-(`QWEN_FUSED_BACKEND` = auto | triton | torch, or `set_backend`) picks the Triton kernels or the torch path;
-see `backend.py`. Imports run one way: `fused_qkv.py` (the op's contract and route) uses `_torch_qkv.py` and
-`_triton_qkv.py` (the two implementations); `backend.py` (the setting) imports none of them.
+(`QWEN_FUSED_BACKEND` = auto | triton | torch | triton-fused | triton-gemm, or `set_backend`) picks the Triton
+kernels or the torch path; see `backend.py`. The Triton route has two forwards, `fused` and `gemm` (cuBLAS + an
+epilogue kernel), picked per call from measured per-GPU tables in `tuning/` (`dispatch.py`, written by
+`python -m qwen_fused.kernels.tune`). Imports run one way: `fused_qkv.py` (the op's contract and route) uses
+`_torch_qkv.py`, `_triton_qkv.py` (the implementations) and `dispatch.py`; `backend.py` (the setting) imports
+none of them.
 """
 if __name__ == "qwen_fused.kernels":
     from ._torch_qkv import fused_qkv_torch, qkv_epilogue

@@ -7,6 +7,11 @@ Forward, one launch per stream:  acc = lora_scale * S B^T  (S = x A^T, precomput
                                  [B, S_txt + S_img, H, D] outputs at the stream's row offset.
 A tile is BLOCK_M rows x BLOCK_N = HPT * D columns, HPT dividing heads, so it owns whole heads of one of q/k/v.
 
+Forward "gemm" (the other implementation, same results within rounding): cuBLAS computes y = x W^T + b and adds
+the LoRA delta with one more GEMM (beta=1); `_qkv_epilogue_kernel` then reads y once and runs the same epilogue
+(`_store_qkv`). Why two: a Triton GEMM below cuBLAS speed loses more than fusing the epilogue saves (design.md
+section 9); which one is faster depends on the GPU and the shape, so dispatch.py picks from measurements.
+
 Backward epilogue, one launch per stream: dq/dk/dv (joint layout) -> dY [M, 3 * H * D] (RoPE transposed, RMSNorm
 backward from the saved pre-norm y), plus per-tile partial sums for the norm-weight gradients. The GEMMs of the
 backward (dX, dA, dB, dW) are cuBLAS calls in `fused_qkv.py`.
@@ -82,7 +87,32 @@ def _qkv_fwd_kernel(X, W, BIAS, SL, LB, NQ, NK, COS, SIN, Q, K, V, Y,
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn).to(tl.float32)[None, :]
+    _store_qkv(acc, pid_n, rm, m_mask, NQ, NK, COS, SIN, Q, K, V, Y, S, S_TOT, ROW_OFF, HD,
+               stride_cs, stride_cd, stride_ss, stride_sd, eps, HAS_NQ, HAS_NK, HAS_ROPE, SAVE_Y, D, BLOCK_M, BLOCK_N)
 
+
+@triton.jit(do_not_specialize=["M", "S", "S_TOT", "ROW_OFF"])
+def _qkv_epilogue_kernel(YIN, NQ, NK, COS, SIN, Q, K, V, Y, M, S, S_TOT, ROW_OFF, HD,
+                         stride_cs, stride_cd, stride_ss, stride_sd, eps,
+                         HAS_NQ: tl.constexpr, HAS_NK: tl.constexpr, HAS_ROPE: tl.constexpr, SAVE_Y: tl.constexpr,
+                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # the gemm route's second half: y [M, 3 * HD] (x W^T + b + LoRA, computed by cuBLAS) read once
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_mask = rm < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.load(YIN + rm[:, None] * (3 * HD) + cols[None, :], mask=m_mask[:, None], other=0.0).to(tl.float32)
+    _store_qkv(acc, pid_n, rm, m_mask, NQ, NK, COS, SIN, Q, K, V, Y, S, S_TOT, ROW_OFF, HD,
+               stride_cs, stride_cd, stride_ss, stride_sd, eps, HAS_NQ, HAS_NK, HAS_ROPE, SAVE_Y, D, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _store_qkv(acc, pid_n, rm, m_mask, NQ, NK, COS, SIN, Q, K, V, Y, S, S_TOT, ROW_OFF, HD,
+               stride_cs, stride_cd, stride_ss, stride_sd, eps, HAS_NQ: tl.constexpr, HAS_NK: tl.constexpr,
+               HAS_ROPE: tl.constexpr, SAVE_Y: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    # the forward epilogue of both routes: an fp32 tile of y (bias added) -> the joint q/k/v outputs
     section = (pid_n * BLOCK_N) // HD  # 0: q, 1: k, 2: v
     col = pid_n * BLOCK_N - section * HD + tl.arange(0, BLOCK_N)
     b_idx = rm // S
@@ -239,9 +269,11 @@ def _rope_strides(cos, sin):
     return cos.stride(0), cos.stride(1), sin.stride(0), sin.stride(1)
 
 
-def forward(streams, heads: int, eps: float, save_y: bool, poison: bool):
+def forward(streams, heads: int, eps: float, save_y: bool, poison: bool, impl: str = "fused"):
     """streams: list of dicts (x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b, lora_scale).
 
+    impl "fused": one kernel does the GEMM, the LoRA product and the epilogue. impl "gemm": cuBLAS computes
+    y = x W^T + b (+ the LoRA delta), then `_qkv_epilogue_kernel` reads y once.
     Returns q, k, v `[B, sum S, heads, D]` and the pre-norm q|k `[B, sum S, 2 * heads * D]` (empty unless save_y).
     """
     x0 = streams[0]["x"]
@@ -264,31 +296,48 @@ def forward(streams, heads: int, eps: float, save_y: bool, poison: bool):
         M = B * S
         if M > 0:
             x2 = x.reshape(M, C).contiguous()
-            w = st["weight"].contiguous()
-            a, lb = st.get("lora_a"), st.get("lora_b")
+            a, lb, scale = st.get("lora_a"), st.get("lora_b"), float(st.get("lora_scale", 1.0))
             has_lora = a is not None and a.shape[0] > 0
-            if has_lora:
-                lb = lb.contiguous()
-                sl = torch.matmul(x2.to(a.dtype), a.t()).to(lb.dtype).contiguous()  # S = x A^T, as peft's lora_A
-                R = a.shape[0]
-            else:
-                sl, lb, R = dummy, dummy, 0
+            # S = x A^T in the LoRA dtype, as peft's lora_A computes it
+            sl = torch.matmul(x2.to(a.dtype), a.t()).to(lb.dtype) if has_lora else None
             cos, sin = st.get("cos"), st.get("sin")
             nq, nk, bias = st.get("norm_q"), st.get("norm_k"), st.get("bias")
-            grid = (triton.cdiv(M, cfg["BLOCK_M"]) * (N // block_n),)
-            _launcher(_qkv_fwd_kernel, q)[grid](
-                x2, w, _or(bias, dummy), sl, lb, _or(nq, dummy), _or(nk, dummy), _or(cos, dummy), _or(sin, dummy),
-                q, k, v, y if save_y else dummy,
-                M, S, S_tot, row_off, C, R, HD, *_rope_strides(cos, sin), float(st.get("lora_scale", 1.0)),
-                float(eps),
-                HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_NQ=nq is not None, HAS_NK=nk is not None,
-                HAS_ROPE=cos is not None, SAVE_Y=save_y, PRECISION=_precision(x.dtype),
-                LORA_PRECISION=_precision(lb.dtype), D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=block_n,
-                BLOCK_K=cfg["BLOCK_K"], BLOCK_R=max(16, min(64, triton.next_power_of_2(max(R, 1)))), GROUP_M=8,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            )
+            outs = (_or(nq, dummy), _or(nk, dummy), _or(cos, dummy), _or(sin, dummy), q, k, v,
+                    y if save_y else dummy)
+            flags = dict(HAS_NQ=nq is not None, HAS_NK=nk is not None, HAS_ROPE=cos is not None, SAVE_Y=save_y, D=D)
+            if impl == "gemm":
+                yin = _gemm(x2, st["weight"], bias, sl, lb, scale)
+                block_m = min(cfg["BLOCK_M"], 64)  # no K loop to amortise: smaller tiles, more of them in flight
+                _launcher(_qkv_epilogue_kernel, q)[(triton.cdiv(M, block_m), N // block_n)](
+                    yin, *outs, M, S, S_tot, row_off, HD, *_rope_strides(cos, sin), float(eps), **flags,
+                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,
+                )
+            else:
+                R = a.shape[0] if has_lora else 0
+                grid = (triton.cdiv(M, cfg["BLOCK_M"]) * (N // block_n),)
+                _launcher(_qkv_fwd_kernel, q)[grid](
+                    x2, st["weight"].contiguous(), _or(bias, dummy), sl.contiguous() if has_lora else dummy,
+                    lb.contiguous() if has_lora else dummy, *outs,
+                    M, S, S_tot, row_off, C, R, HD, *_rope_strides(cos, sin), scale, float(eps), **flags,
+                    HAS_BIAS=bias is not None, HAS_LORA=has_lora, PRECISION=_precision(x.dtype),
+                    LORA_PRECISION=_precision(lb.dtype if has_lora else x.dtype), BLOCK_M=cfg["BLOCK_M"],
+                    BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, num_warps=cfg["num_warps"],
+                    BLOCK_R=max(16, min(64, triton.next_power_of_2(max(R, 1)))), num_stages=cfg["num_stages"],
+                )
         row_off += S
     return q, k, v, y
+
+
+def _gemm(x2, weight, bias, sl, lb, scale):
+    """y = x W^T + b + scale * S B^T on cuBLAS, as the fused kernel computes it: the LoRA product in the wider of
+    the two dtypes (fp32 LoRA factors beside a half-precision base stay fp32, y then fp32 too), accumulated into y
+    by one more GEMM (beta=1) instead of a separate add pass."""
+    y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    if sl is not None:
+        acc = torch.promote_types(y.dtype, lb.dtype)
+        y = y.to(acc)
+        y.addmm_(sl.to(acc), lb.to(acc).t(), alpha=scale)
+    return y
 
 
 def epilogue_backward(dq, dk, dv, y, streams, heads: int, eps: float, need_dnorm: bool, poison: bool = False):

@@ -1,6 +1,6 @@
 """The backend setting: which implementation runs `fused_qkv` / `joint_qkv`, the Triton kernels or the torch path.
 
-    QWEN_FUSED_BACKEND = auto | triton | torch      (environment, read at call time)
+    QWEN_FUSED_BACKEND = auto | triton | torch | triton-fused | triton-gemm     (environment, read at call time)
     qwen_fused.kernels.set_backend(name)            (Python setting; overrides the environment; None clears it)
 
 - `auto` (default): Triton on CUDA tensors the kernels serve; the torch path elsewhere. A CUDA call the
@@ -10,6 +10,9 @@
   On CPU the kernels run under Triton's interpreter, which needs `TRITON_INTERPRET=1` in the environment
   before triton is first imported.
 - `torch`: always the pure-torch path (plain autograd, no custom op).
+- `triton-fused`, `triton-gemm`: as `triton`, with the forward forced to one implementation: `fused` (one kernel
+  for GEMM, LoRA and epilogue) or `gemm` (cuBLAS GEMMs, then an epilogue kernel). Under `auto` and `triton` the
+  per-GPU table of measured choices picks one per call (dispatch.py).
 
 This module is the bottom of `kernels/` and knows nothing of the kernels: `fused_qkv.py` routes each call by
 this setting and by what the kernels can serve. Triton is imported lazily there, so the package imports and runs
@@ -19,7 +22,8 @@ from __future__ import annotations
 
 import os
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "triton-fused", "triton-gemm")
+IMPLS = ("fused", "gemm")  # the forward implementations of the Triton route
 ENV = "QWEN_FUSED_BACKEND"
 
 _setting: str | None = None
@@ -36,7 +40,7 @@ def _check(name, source):
 
 
 def set_backend(name: str | None) -> None:
-    """Set the backend for this process (`auto`, `triton`, `torch`); `None` returns to the environment."""
+    """Set the backend for this process (one of BACKENDS); `None` returns to the environment."""
     global _setting
     _setting = None if name is None else _check(name, "set_backend")
 
@@ -46,3 +50,8 @@ def get_backend() -> str:
     if _setting is not None:
         return _setting
     return _check(os.environ.get(ENV, "auto").strip().lower() or "auto", f"${ENV}")
+
+
+def forced_impl(backend: str) -> str | None:
+    """The forward implementation a backend value forces (`triton-gemm` -> `gemm`), or None (the table decides)."""
+    return backend[len("triton-"):] if backend.startswith("triton-") else None

@@ -37,8 +37,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import _torch_qkv
-from .backend import BackendError, get_backend
+from . import _torch_qkv, dispatch
+from .backend import BackendError, forced_impl, get_backend
 
 __all__ = ["fused_qkv", "joint_qkv", "rope_tables", "check_inputs"]
 STREAM_KEYS = ("x", "weight", "bias", "norm_q", "norm_k", "cos", "sin", "lora_a", "lora_b", "lora_scale")
@@ -114,7 +114,8 @@ def check_inputs(x, weight, bias, heads, norm_q, norm_k, cos, sin, lora_a, lora_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the route: the Triton kernels or the torch path, by the backend setting (see backend.py)
+# the route: the torch path, or the Triton kernels with one of their two forwards (`fused`: one kernel; `gemm`:
+# cuBLAS, then an epilogue kernel), by the backend setting (backend.py) and the per-GPU table (dispatch.py)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned: set[str] = set()
@@ -138,20 +139,28 @@ def triton_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> s
     return None
 
 
-def use_triton(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Route one call: True for the Triton kernels, False for the torch path; raises under `triton`."""
+def route(device: torch.device, dtype: torch.dtype, head_dim: int, rows: int = 0, rank: int = 0) -> str:
+    """Route one call of `rows` rows (all streams) and LoRA rank `rank` (0: none): `torch`, `fused` or `gemm`.
+
+    Raises under a `triton*` backend that cannot serve the call; `auto` falls back to torch with one warning."""
     backend = get_backend()
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
-        return False
+        return "torch"
     problem = triton_problem(device, dtype, head_dim)
     if problem is None:
-        return True
-    if backend == "triton":
-        raise BackendError(f"QWEN_FUSED_BACKEND=triton cannot run this call: {problem}")
+        return forced_impl(backend) or dispatch.choose(dispatch.device_name(device), rows, rank, dtype)
+    if backend != "auto":
+        raise BackendError(f"QWEN_FUSED_BACKEND={backend} cannot run this call: {problem}")
     if problem not in _warned:
         _warned.add(problem)
         warnings.warn(f"qwen_fused: using the torch path because {problem}", RuntimeWarning, stacklevel=3)
-    return False
+    return "torch"
+
+
+def _key(xs, lora_as):
+    """The dispatch key's rows and LoRA rank of one call (absent LoRA factors are rank 0 or None)."""
+    # a plain max over a list: dynamo cannot trace max(generator, default=...) (fullgraph compile of the blocks)
+    return sum(x.shape[0] * x.shape[1] for x in xs), max([0] + [a.shape[0] for a in lora_as if a is not None])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -212,13 +221,14 @@ def _run(streams, heads, eps):
         if D != dims[0] or x.shape[0] != x0.shape[0] or x.dtype != x0.dtype or x.device != x0.device:
             raise ValueError(f"joint_qkv: streams disagree (txt x {tuple(x0.shape)} {x0.dtype} D={dims[0]} on "
                              f"{x0.device}, img x {tuple(x.shape)} {x.dtype} D={D} on {x.device})")
-    if use_triton(x0.device, x0.dtype, dims[0]):
+    impl = route(x0.device, x0.dtype, dims[0], *_key([st["x"] for st in streams], [st["lora_a"] for st in streams]))
+    if impl != "torch":
         tensors = [st[k] for st in streams for k in _LISTS]
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         save_y = grad and any(st["norm_q"] is not None or st["norm_k"] is not None for st in streams)
         q, k, v, _ = torch.ops.qwen_fused.joint_qkv(*_op_lists(streams),
                                                     [float(st["lora_scale"]) for st in streams], heads, float(eps),
-                                                    save_y, True)
+                                                    save_y, impl)
         return q, k, v
     outs = [_torch_qkv.fused_qkv_torch(st["x"], st["weight"], st["bias"], heads=heads, norm_q=st["norm_q"],
                                        norm_k=st["norm_k"], cos=st["cos"], sin=st["sin"], eps=eps, lora_a=st["lora_a"],
@@ -230,10 +240,11 @@ def _run(streams, heads, eps):
 
 # ----------------------------------------------------------------------------------------------------------
 # the custom op: `qwen_fused::joint_qkv` (forward) and `qwen_fused::joint_qkv_bwd` (epilogue backward).
-# Each takes per-stream lists (one entry for fused_qkv, two for joint_qkv) and a `kernels` flag, the route: True
-# runs `_triton_qkv`, False its mirror in `_torch_qkv`. `_run` calls the forward only on the Triton route and
-# passes True; a direct call of the op (opcheck, torch.compile of the op) leaves it None and gets the backend's
-# route. The backward takes the forward's route; its GEMMs are plain torch matmuls in `_backward`.
+# Each takes per-stream lists (one entry for fused_qkv, two for joint_qkv). The forward's `impl` is the route:
+# `fused` or `gemm` runs `_triton_qkv`, `torch` its mirror in `_torch_qkv`. `_run` calls the op only on a Triton
+# route and passes it; a direct call of the op (opcheck, torch.compile of the op) leaves it None and gets `route`'s.
+# The backward's `kernels` flag follows the forward (both Triton forwards save the same pre-norm y and share one
+# epilogue backward); its GEMMs are plain torch matmuls in `_backward`.
 # Absent optional tensors travel as empty tensors (rank-0 LoRA factors for LoRA): torch.library differentiates a
 # tensor list only when it holds no None, and a LoRA on one stream only must still get its gradient.
 
@@ -268,11 +279,11 @@ def _streams(*lists):
             for vals in zip(*lists)]
 
 
-def _op_route(kernels, x, weight, heads):
-    """The forward op's route: its `kernels` flag, or the backend's route when a direct call left it None."""
-    if kernels is None:
-        return use_triton(x.device, x.dtype, weight.shape[0] // (3 * heads))
-    return kernels
+def _op_route(impl, x, weight, lora_a, heads):
+    """The forward op's route: its `impl`, or `route`'s when a direct call left it None."""
+    if impl is None:
+        return route(x[0].device, x[0].dtype, weight[0].shape[0] // (3 * heads), *_key(x, lora_a))
+    return impl
 
 
 def _poison():
@@ -285,13 +296,14 @@ def _joint_qkv_op(x: list[Tensor], weight: list[Tensor], bias: list[Tensor], nor
                   norm_k: list[Tensor], cos: list[Tensor], sin: list[Tensor],
                   lora_a: list[Tensor], lora_b: list[Tensor], lora_scale: list[float],
                   heads: int, eps: float, save_y: bool,
-                  kernels: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                  impl: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """q, k, v `[B, sum S, H, D]` and the pre-norm q|k `[B, sum S, 2 H D]` kept for backward (empty unless save_y)."""
     streams = _streams(x, weight, bias, norm_q, norm_k, cos, sin, lora_a, lora_b, lora_scale)
-    if _op_route(kernels, x[0], weight[0], heads):
+    impl = _op_route(impl, x, weight, lora_a, heads)
+    if impl != "torch":
         from . import _triton_qkv
 
-        return _triton_qkv.forward(streams, heads, eps, save_y, _poison())
+        return _triton_qkv.forward(streams, heads, eps, save_y, _poison(), impl)
     return _torch_qkv.forward(streams, heads, eps, save_y)
 
 
@@ -315,7 +327,7 @@ def _setup_context(ctx, inputs, output):
     lists = inputs[:9]
     ctx.n = len(lists[0])
     ctx.lora_scale, ctx.heads, ctx.eps = inputs[9], inputs[10], inputs[11]
-    ctx.kernels = _op_route(inputs[13], lists[0][0], lists[1][0], ctx.heads)  # the backward's route
+    ctx.kernels = _op_route(inputs[13], lists[0], lists[1], lists[7], ctx.heads) != "torch"  # backward's route
     ctx.mark_non_differentiable(output[3])
     # bias is not needed in backward unless y must be recomputed; keep it (a view, no copy)
     ctx.save_for_backward(*[t for lst in lists for t in lst], output[3])
@@ -375,7 +387,7 @@ def _backward(ctx, dq, dk, dv, _dy_unused):
         for j, key in enumerate(("norm_q", "norm_k")):
             if need[key][i] and st[key] is not None:
                 grads[key][i] = dnorm[i, j].to(st[key].dtype)
-    # no grads for the other inputs, as many as torch passed (it drops `kernels` when left at its default)
+    # no grads for the other inputs, as many as torch passed (it drops `impl` when left at its default)
     return tuple(grads[k] for k in _LISTS) + (None,) * (len(ctx.needs_input_grad) - len(_LISTS))
 
 

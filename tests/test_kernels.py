@@ -121,10 +121,11 @@ def _joint_ref(streams, heads, eps=1e-6):
     return tuple(torch.cat(p, dim=1) for p in zip(*outs))
 
 
-def check(streams, heads, dtype):
-    """Triton path vs float64 reference and vs torch path: outputs and every gradient."""
+def check(streams, heads, dtype, backend="triton", twin=None):
+    """Triton path (`backend` may force one forward) vs float64 reference and vs torch path: outputs and every
+    gradient; with `twin` (another backend) also vs that one, within one rounding of the half dtype."""
     leaves = _leaves(streams)
-    out = _call(streams, heads, "triton")
+    out = _call(streams, heads, backend)
     B, S = streams[0]["x"].shape[0], sum(st["x"].shape[1] for st in streams)
     D = streams[0]["weight"].shape[0] // (3 * heads)
     for o in out:
@@ -139,6 +140,13 @@ def check(streams, heads, dtype):
     rgrads = torch.autograd.grad(ref, tensors, [t.double() for t in gouts], allow_unused=True,
                                  materialize_grads=True)
     names = ["q", "k", "v"] + [f"d{k}[{i}]" for i, (k, _) in enumerate(leaves)]
+    if twin is not None:
+        wout = _call(streams, heads, twin)
+        wgrads = torch.autograd.grad(wout, tensors, gouts, allow_unused=True, materialize_grads=True)
+        tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+        for name, a, w in zip(names, list(out) + list(grads), list(wout) + list(wgrads)):
+            if a.numel():
+                assert_close(a, w, tol, f"{name} {backend} vs {twin}")
     for name, a, t, r in zip(names, list(out) + list(grads), list(tout) + list(tgrads), list(ref) + list(rgrads)):
         assert a.shape == r.shape, name
         if a.numel() == 0:  # rank-0 LoRA factors
