@@ -131,10 +131,16 @@ def call_pipeline(pipe, *, area: int | None = None, condition_area: int | None =
 def compile_blocks(transformer, compile_flag, device) -> bool:
     """`--compile` / `--no-compile` (None: on with CUDA, where it pays; off on a CPU, where compiling takes longer
     than a short run saves): diffusers' regional compilation of the transformer blocks, fullgraph (the fused
-    processor and its op are fullgraph-safe, so a graph break is a bug to see, not a slowdown to hide). Returns
-    whether it compiled."""
+    processor and its op are fullgraph-safe, so a graph break is a bug to see, not a slowdown to hide). Layerwise
+    casting (`--fp8_base`) is not compiled: its hooks re-create parameters around every Linear, which fails under
+    torch.compile on a stock diffusers model too (torch 2.13, diffusers 0.42). Returns whether it compiled."""
+    casting = any(getattr(m, "_diffusers_hook", None) is not None
+                  and m._diffusers_hook.get_hook("layerwise_casting") is not None for m in transformer.modules())
     if compile_flag is None:
-        compile_flag = torch.device(device).type == "cuda"
+        compile_flag = torch.device(device).type == "cuda" and not casting
+    if compile_flag and casting:
+        raise ValueError("--compile does not work with fp8 layerwise casting (--fp8_base): diffusers' casting hooks "
+                         "fail under torch.compile, on a stock model too; use --no-compile")
     if compile_flag:
         transformer.compile_repeated_blocks(fullgraph=True)
     return bool(compile_flag)

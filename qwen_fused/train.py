@@ -386,8 +386,8 @@ def train(args) -> int:
                     logs["grad_norm"] = float(grad_norm)
                 if accelerator.device.type == "cuda":
                     logs["peak_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-                if compiled and step == first_step + 1:
-                    accelerator.print(f"first step {logs['step_time']:.1f} s (includes compiling the blocks)")
+                if compiled and step == first_step + 1 and accelerator.is_main_process:
+                    bar.write(f"first step {logs['step_time']:.1f} s (includes compiling the blocks)")
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 accelerator.log(logs, step=step)

@@ -942,3 +942,15 @@ def test_seed_style_script_runs(tiny_models, csv_data, tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "checkpoint-final.safetensors").is_file() and (out / "checkpoint-final-standard.safetensors").is_file()
+
+
+def test_compile_with_fp8_base_is_a_clear_error(tiny_models, csv_data, tmp_path, capsys):
+    """diffusers' layerwise-casting hooks fail under torch.compile (stock too): an error line, not a traceback; the
+    default (no --compile) with --fp8_base does not compile."""
+    assert run_train(tiny_models["edit"], csv_data, tmp_path / "a", "--fp8_base", "--compile") == 2
+    assert "--compile does not work with fp8 layerwise casting" in capsys.readouterr().err
+    from qwen_fused.pipeline import compile_blocks
+
+    model = tiny_transformer(0)
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert compile_blocks(model, None, "cuda") is False
