@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from qwen_fused.kernels import set_backend
 from qwen_fused.processor import pos_embed_hook
 
-from .workloads import Workload, _Params, merged_lora, stock_qkv
+from .workloads import Params, Workload, merged_lora, stock_qkv
 
 class Unavailable(Exception):
     """A provider that cannot run here (no CUDA, no Triton backend yet, level not supported)."""
@@ -63,7 +63,7 @@ def _op_stock(w: Workload, model, compiled=False, dtype=None):
             if w.train:
                 torch.autograd.backward(outs, [g.to(dtype) for g in w.grad_out])
         return outs
-    params = _Params(model=model)
+    params = Params(model=model)
     return step, params
 
 
@@ -91,7 +91,7 @@ def _op_ours(w: Workload, compiled=False):
             if w.train:
                 torch.autograd.backward(outs, w.grad_out)
         return outs
-    return step, _Params(tensors=tensors)
+    return step, Params(tensors=tensors)
 
 
 def _op_gemm(w: Workload):
@@ -126,7 +126,7 @@ def _blocks_provider(w: Workload, model, rope, compiled=False, dtype=None):
             if w.train:
                 torch.autograd.backward(outs, [g.to(dtype) for g in w.grad_out])
         return outs
-    return step, _Params(model=model)
+    return step, Params(model=model)
 
 
 def _fused_rope(w):

@@ -4,8 +4,8 @@ them through this module."""
 from .cases import FULL_MODEL_BLOCKS, QUICK_CASES, QUICK_MODEL_CASES, SHAPES, Case, all_cases, select_cases
 from .providers import (BASELINES, PROVIDERS, Impl, Provider, Unavailable, build_ours, build_reference,
                         select_providers, use_backend, use_backend_reset)
-from .workloads import Workload, _Params, canonical_grads
+from .workloads import Params, Workload, canonical_grads
 
 __all__ = ["FULL_MODEL_BLOCKS", "QUICK_CASES", "QUICK_MODEL_CASES", "SHAPES", "Case", "all_cases", "select_cases",
            "BASELINES", "PROVIDERS", "Impl", "Provider", "Unavailable", "build_ours", "build_reference",
-           "select_providers", "use_backend", "use_backend_reset", "Workload", "_Params", "canonical_grads"]
+           "select_providers", "use_backend", "use_backend_reset", "Workload", "Params", "canonical_grads"]

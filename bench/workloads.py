@@ -202,7 +202,7 @@ class Workload:
         return collect
 
 
-class _Params:
+class Params:
     """Trainable tensors of a provider: `()` yields them, `.named()` gives canonical-named gradients."""
 
     def __init__(self, model=None, tensors=None):

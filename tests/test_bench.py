@@ -82,7 +82,7 @@ def _broken_ours(w):
     def wrong(inp):  # k off by 5%: a provider that is fast and wrong
         q, k, v = step(inp)
         return q, k * 1.05, v
-    return registry.Impl(step=wrong, collect=w._collect(wrong, registry._Params()), backend="torch")
+    return registry.Impl(step=wrong, collect=w._collect(wrong, registry.Params()), backend="torch")
 
 
 def test_wrong_provider_is_reported_not_timed(monkeypatch, tmp_path):
