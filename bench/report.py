@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from qwen_fused.atomic import atomic_output
+from qwen_fused.kernels.dispatch import slug  # one naming for results and tuning tables
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ORDER = ["stock", "stock-compile", "ours-triton", "ours-torch", "ours-compile", "gemm"]
 SMOKE = ("CPU smoke run, not a measurement: each provider runs at reduced sizes and is verified against stock; "
          "GPU numbers need a GPU")
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
