@@ -14,9 +14,9 @@ def linear_lora_factors(proj: nn.Module):
     adapter's scale and concatenated, scale 1). None (the caller then runs `proj(x)` itself) for anything
     this cannot express exactly: hooks on the module (diffusers' layerwise casting or group offloading,
     accelerate's offload: its weights are right only inside its own forward), dropout > 0, DoRA or other LoRA
-    variants, LoRA bias, fan_in_fan_out, A and B of different dtypes, or an unknown wrapper. LoRA weights in another dtype than the base (fp32 factors on a
-    bf16 model, as mixed-precision training keeps them) are fine: the op computes the LoRA part in the
-    factors' dtype, as peft does, and adds it in fp32.
+    variants, LoRA bias, fan_in_fan_out, A and B of different dtypes, or an unknown wrapper. LoRA weights in
+    another dtype than the base (fp32 factors on a bf16 model, as mixed-precision training keeps them) are fine:
+    the op computes the LoRA part in the factors' dtype, as peft does, and adds it in fp32.
     """
     if has_hooks(proj) or has_hooks(getattr(proj, "base_layer", None)):
         return None
