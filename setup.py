@@ -7,7 +7,8 @@ setup(
     python_requires=">=3.10",
     packages=["qwen_fused", "qwen_fused.lora", "qwen_fused.kernels", "qwen_fused.bench"],
     package_dir={"qwen_fused": "qwen_fused", "qwen_fused.kernels": "kernels", "qwen_fused.bench": "bench"},
-    package_data={"qwen_fused": ["fsdp_config.yaml", "scripts/*.sh"], "qwen_fused.bench": ["results/*.json", "results/*.md"],
+    package_data={"qwen_fused": ["fsdp_config.yaml", "scripts/*.sh"],
+                  "qwen_fused.bench": ["results/*.json", "results/*.md"],
                   "qwen_fused.kernels": ["tuning/*.json"]},
     install_requires=[
         "torch>=2.6",

@@ -11,31 +11,14 @@ import re
 
 import torch
 
-from qwen_fused._util import quiet_diffusers
 from qwen_fused.names import STREAMS
+from qwen_fused.tiny import random_transformer, rope_axes
 
 from .cases import REAL_DIMS, SHAPES, TINY_DIMS, TINY_SEQ_DIV, Case
 
 STOCK_LORA_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
                       "img_mlp.net.2", "img_mod.1", "txt_mlp.net.2", "txt_mod.1"]
 OURS_LORA_TARGETS = list(STREAMS) + STOCK_LORA_TARGETS[6:]
-
-
-def _build_model(n_layers, dims, device, seed):
-    from diffusers import QwenImageTransformer2DModel
-
-    d = dims["head_dim"]
-    axes = (16, 56, 56) if d == 128 else (d // 4, 3 * d // 8, 3 * d // 8)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=n_layers,
-                                            attention_head_dim=d, num_attention_heads=dims["heads"],
-                                            joint_attention_dim=16, axes_dims_rope=axes)
-        with torch.no_grad():  # norm weights of exactly 1 would hide a missing weight multiply
-            for blk in model.transformer_blocks:
-                for norm in (blk.attn.norm_q, blk.attn.norm_k, blk.attn.norm_added_q, blk.attn.norm_added_k):
-                    norm.weight.normal_(1.0, 0.1)
-    return model.eval().requires_grad_(False)
 
 
 def _rope(seq, head_dim, offset, device):
@@ -77,8 +60,9 @@ def merged_lora(factors):
     return out
 
 
-def add_lora(model, targets, factors, rank):
-    """peft LoRA (alpha = rank, scale 1) on `targets`, its weights set from `factors`; only LoRA trains."""
+def add_lora(model, targets, factors, rank, dtype):
+    """peft LoRA (alpha = rank, scale 1) on `targets`, its weights set from `factors` in `dtype` (peft would keep
+    them in fp32 on a bf16 model; both sides get the model's dtype); only LoRA trains."""
     from peft import LoraConfig
 
     model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets))
@@ -86,8 +70,8 @@ def add_lora(model, targets, factors, rank):
     with torch.no_grad():
         for name, (a, b) in factors.items():
             layer = mods[name]
-            layer.lora_A["default"].weight.copy_(a)
-            layer.lora_B["default"].weight.copy_(b)
+            for lin, w in ((layer.lora_A["default"], a), (layer.lora_B["default"], b)):
+                lin.to(dtype).weight.copy_(w)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name)
     return model
@@ -123,10 +107,6 @@ class Workload:
     """What all providers of one case share. `tiny` = reduced sizes (no CUDA)."""
 
     def __init__(self, case: Case, device, dtype=torch.bfloat16, tiny=False, seed=0, l2_bytes=50 << 20):
-        with quiet_diffusers():
-            self._setup(case, device, dtype, tiny, seed, l2_bytes)
-
-    def _setup(self, case, device, dtype, tiny, seed, l2_bytes):
         self.case, self.device, self.dtype, self.tiny = case, torch.device(device), dtype, tiny
         self.dims = TINY_DIMS if tiny else REAL_DIMS
         self.heads, self.head_dim = self.dims["heads"], self.dims["head_dim"]
@@ -139,8 +119,11 @@ class Workload:
         self.train = case.mode == "fwdbwd"
         n_layers = case.blocks if case.level != "op" else 1
 
-        ref = _build_model(n_layers, self.dims, self.device, seed)
-        base = copy.deepcopy(ref).to(dtype)
+        cfg = dict(num_layers=n_layers, attention_head_dim=self.head_dim, num_attention_heads=self.heads,
+                   axes_dims_rope=rope_axes(self.head_dim))
+        # the same draws in both: base holds the reference's weights rounded to dtype
+        ref = random_transformer(seed, device=self.device, dtype=self.ref_dtype, **cfg).requires_grad_(False)
+        base = random_transformer(seed, device=self.device, dtype=dtype, **cfg).requires_grad_(False)
         self.lora = draw_lora(ref, case.rank, seed) if self.train else {}
         # ours: merged weights, made before any LoRA touches the stock modules
         self.fused_model = None
@@ -152,12 +135,11 @@ class Workload:
 
             self.fused_model = qwen_fused.fuse_qkv(copy.deepcopy(base))
         if self.train:
-            add_lora(ref, STOCK_LORA_TARGETS, self.lora, case.rank)
-            # peft upcasts adapters of a bf16 model to fp32; keep them in the model dtype for both sides
-            add_lora(base, STOCK_LORA_TARGETS, self.lora, case.rank).to(dtype)
+            add_lora(ref, STOCK_LORA_TARGETS, self.lora, case.rank, self.ref_dtype)
+            add_lora(base, STOCK_LORA_TARGETS, self.lora, case.rank, dtype)
             if self.fused_model is not None:
-                add_lora(self.fused_model, OURS_LORA_TARGETS, merged_lora(self.lora), case.rank).to(dtype)
-        self.ref_model = ref.to(self.ref_dtype)
+                add_lora(self.fused_model, OURS_LORA_TARGETS, merged_lora(self.lora), case.rank, dtype)
+        self.ref_model = ref
         self.stock_model = base
 
         self.img_freqs = _rope(s_img, self.head_dim, s_txt, self.device)

@@ -13,10 +13,11 @@ from math import prod
 
 import torch
 
-from ._util import quiet_diffusers, resolve_device
+from .cli_util import quiet_diffusers, resolve_device
 from .fuse import fuse_qkv
 from .names import STREAMS
 from .numerics import rel_err
+from .tiny import random_transformer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -61,23 +62,7 @@ def real_width_case(device):
 
 
 def _build(case: Case, device, seed):
-    from diffusers import QwenImageTransformer2DModel
-
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel(**case.config)
-    model.to_empty(device=device)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:
-                v = torch.rand(p.shape, generator=g) + 0.5
-            else:
-                fan_in = p.shape[-1] if p.dim() > 1 else 64
-                v = torch.randn(p.shape, generator=g) / fan_in ** 0.5
-            p.copy_(v)
-    # the RoPE tables are plain attributes (not buffers), built on meta above: build them for real
-    model.pos_embed = type(model.pos_embed)(theta=10000, axes_dim=list(case.config["axes_dims_rope"]),
-                                            scale_rope=True)
+    model = random_transformer(seed, device=device, **case.config)
     if case.attn_grads_only:
         for name, p in model.named_parameters():
             p.requires_grad_(".attn." in name)

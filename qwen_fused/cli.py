@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from ._util import HelpFormatter
+from .cli_util import HelpFormatter
 
 DESCRIPTION = """\
 Qwen-Image and Qwen-Image-Edit with fused q/k/v attention: the same results as diffusers, faster.

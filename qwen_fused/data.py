@@ -255,7 +255,8 @@ def collate(samples: list[dict]) -> dict:
     """Stack a same-bucket batch; text embeddings padded to the longest with a 0/1 mask (None when no padding)."""
     lengths = [s["prompt_embeds"].shape[0] for s in samples]
     longest = max(lengths)
-    embeds = torch.stack([torch.cat([s["prompt_embeds"], s["prompt_embeds"].new_zeros(longest - n, s["prompt_embeds"].shape[1])])
+    embeds = torch.stack([torch.cat([s["prompt_embeds"],
+                                     s["prompt_embeds"].new_zeros(longest - n, s["prompt_embeds"].shape[1])])
                           for s, n in zip(samples, lengths)])
     mask = torch.stack([torch.arange(longest) < n for n in lengths]).long()
     return {"prompt_embeds": embeds, "prompt_embeds_mask": None if bool(mask.all()) else mask,

@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 
-from ._util import scratch_folder
+from .cli_util import scratch_folder
 
 
 def make_demo_dataset(folder, n=4, size=(64, 48), edits=1, seed=0):

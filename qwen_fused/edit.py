@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._util import resolve_device
+from .cli_util import resolve_device
 from .atomic import atomic_output
 from .demo import edit_demo_args
 from .pipeline import call_pipeline, compile_blocks, edit_variant, load_pipeline, parse_lora_spec
 
 
 def add_parser(subparsers):
-    from ._util import HelpFormatter
+    from .cli_util import HelpFormatter
 
     p = subparsers.add_parser("edit", help="edit an image with Qwen-Image-Edit (fused attention by default)",
                               description=__doc__, formatter_class=HelpFormatter)

@@ -35,16 +35,46 @@ VOCAB_SIZE = 152064
 TINY_VL_MAX_PIXELS = 56 * 56
 
 
-def tiny_transformer(seed: int = 0, zero_cond_t: bool = False, **overrides):
-    """A 2-block `QwenImageTransformer2DModel` (3 heads x 16, joint dim 16, in 16 / out 4 channels)."""
+# the tiny transformer of the tiny pipelines (and the default of `random_transformer`)
+TINY_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                   num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """RoPE axes (frame, height, width) that sum to `head_dim`: the real model's (16, 56, 56) at 128."""
+    return (16, 56, 56) if head_dim == 128 else (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)
+
+
+def random_transformer(seed: int = 0, *, dtype=torch.float32, device="cpu", **config):
+    """A `QwenImageTransformer2DModel` (`TINY_CONFIG` updated by `config`) with random weights, in eval mode.
+
+    The one builder of random transformers for tests, `check`, the benchmarks and the tiny pipelines. Weights
+    are N(0, 1/fan_in), biases N(0, 0.1), norm weights U(0.5, 1.5): every parameter matters (a norm weight of
+    exactly 1 or a zero bias would hide a missing multiply or add) and activations stay O(1) at any width.
+    Parameters are created on the meta device and drawn one at a time in float32 on `device`, then rounded to
+    `dtype`: the same seed gives the same weights in every dtype (rounded), and a 60-block model never exists
+    in float32. The RoPE tables are plain tensors, built for real.
+    """
+    from accelerate import init_empty_weights
     from diffusers import QwenImageTransformer2DModel
 
-    config = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-                  num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
-                  zero_cond_t=zero_cond_t)
-    config.update(overrides)
-    torch.manual_seed(seed)
-    return QwenImageTransformer2DModel(**config)
+    with init_empty_weights(include_buffers=False):
+        model = QwenImageTransformer2DModel(**{**TINY_CONFIG, **config})
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    for module_name, mod in model.named_modules():
+        for name, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            t = torch.empty(p.shape, device=device, dtype=torch.float32)
+            if p.dim() > 1:
+                t.normal_(0, p.shape[1] ** -0.5, generator=g)
+            elif name == "weight" and "norm" in f"{module_name}.{name}":
+                t.uniform_(0.5, 1.5, generator=g)
+            else:
+                t.normal_(0, 0.1, generator=g)
+            mod._parameters[name] = torch.nn.Parameter(t.to(dtype), requires_grad=p.requires_grad)
+    return model.to(device).eval()
 
 
 def tiny_vae(seed: int = 0):
@@ -119,7 +149,7 @@ def tiny_edit_pipeline(seed: int = 0, variant: str = "edit"):
         raise ValueError(f"unknown tiny pipeline variant {variant!r}; choose one of {VARIANTS}")
     tokenizer = tiny_tokenizer()
     components = dict(
-        transformer=tiny_transformer(seed, zero_cond_t=variant == "2511"),
+        transformer=random_transformer(seed, zero_cond_t=variant == "2511"),
         vae=tiny_vae(seed),
         scheduler=FlowMatchEulerDiscreteScheduler(),
         text_encoder=tiny_text_encoder(seed),

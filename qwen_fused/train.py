@@ -31,7 +31,7 @@ import time
 import torch
 
 from . import data as D
-from ._util import HelpFormatter
+from .cli_util import HelpFormatter
 from .atomic import atomic_output
 from .demo import train_demo_args
 from .encode import build_dataset
@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: accelerate's config (bf16 on CUDA is the usual choice)")
     g.add_argument("--fp8_base", "--enable_fp8_training", dest="fp8_base", action="store_true",
-                   help="store frozen base linear weights as float8_e4m3fn, upcast per use (diffusers layerwise casting)")
+                   help="store frozen base linear weights as float8_e4m3fn, upcast per use "
+                        "(diffusers layerwise casting)")
     g.add_argument("--no_fuse", action="store_true", help="train the stock (unfused) transformer, for comparison")
     g = p.add_argument_group("data")
     g.add_argument("--dataset_base_path", help="folder the metadata's image paths are relative to")
@@ -361,8 +362,8 @@ def train(args) -> int:
                 with accelerator.accumulate(transformer):
                     loss, _ = flow.loss(transformer, batch, dtype=weight_dtype)
                     # one collective per micro-step: every process's loss and stop request (see StopRequest)
-                    gathered = accelerator.gather(torch.stack([loss.detach().float(),
-                                                               loss.new_tensor(stop.signum, dtype=torch.float32)])[None])
+                    local = torch.stack([loss.detach().float(), loss.new_tensor(stop.signum, dtype=torch.float32)])
+                    gathered = accelerator.gather(local[None])
                     all_losses, stop_signum = gathered[:, 0], int(gathered[:, 1].max())
                     if not torch.isfinite(all_losses).all():
                         raise NonFiniteLoss(f"non-finite loss {all_losses.tolist()} at step {step + 1}; stopped. "

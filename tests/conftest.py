@@ -13,6 +13,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture
+def clean_backend(monkeypatch):
+    """Kernel tests: the default backend before and after, and outputs NaN-filled before the kernels write them
+    (QWEN_FUSED_DEBUG_NAN), so an element no kernel wrote shows."""
+    from qwen_fused.kernels import set_backend
+
+    monkeypatch.setenv("QWEN_FUSED_DEBUG_NAN", "1")
+    monkeypatch.delenv("QWEN_FUSED_BACKEND", raising=False)
+    set_backend(None)
+    yield
+    set_backend(None)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "kernel: Triton kernel tests (interpreter on CPU, native on GPU)")
     config.addinivalue_line("markers", "gpu: needs a CUDA device")

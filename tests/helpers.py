@@ -5,14 +5,14 @@ import copy
 from math import prod
 
 import torch
-from diffusers import QwenImageTransformer2DModel
 
 from qwen_fused.names import STREAMS
 from qwen_fused.numerics import rel_err
-
+from qwen_fused.tiny import TINY_CONFIG, random_transformer, rope_axes
 
 
 def assert_close(a, b, tol, name=""):
+    """Max relative error of `a` against `b` (numerics.rel_err) at most `tol`; returns it."""
     mx, rms = rel_err(a, b)
     assert torch.isfinite(a).all(), f"{name}: non-finite values"
     if mx > tol:
@@ -20,37 +20,21 @@ def assert_close(a, b, tol, name=""):
         coord = torch.unravel_index(idx, a.shape)
         raise AssertionError(f"{name}: max rel err {mx:.3e} (rms {rms:.3e}) > {tol:.1e} at "
                              f"{tuple(int(c) for c in coord)}: {a.flatten()[idx].item()} vs {b.flatten()[idx].item()}")
+    return mx
 
 
-TINY_CFG = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=32,
-                num_attention_heads=3, joint_attention_dim=24, axes_dims_rope=(8, 12, 12))
+def tiny_config(heads=3, head_dim=32, layers=2, zero_cond_t=False):
+    """The tests' usual transformer config: joint dim 24, RoPE axes for head_dim."""
+    return dict(TINY_CONFIG, num_attention_heads=heads, attention_head_dim=head_dim, num_layers=layers,
+                joint_attention_dim=24, axes_dims_rope=rope_axes(head_dim), zero_cond_t=zero_cond_t)
 
 
-def random_model(cfg=TINY_CFG, std=0.2, seed=0):
-    """A stock QwenImageTransformer2DModel with every parameter drawn from N(0, std), in eval mode."""
-    torch.manual_seed(seed)
-    model = QwenImageTransformer2DModel(**cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, std)
-    return model.eval()
+TINY_CFG = tiny_config()
 
 
 def tiny_transformer(heads=3, head_dim=32, layers=2, zero_cond_t=False, seed=0, dtype=torch.float32):
-    """A stock QwenImageTransformer2DModel with every parameter redrawn (norm weights too, so they matter)."""
-    torch.manual_seed(seed)
-    rope = {16: (4, 6, 6), 32: (8, 12, 12), 64: (16, 24, 24), 128: (16, 56, 56)}[head_dim]
-    model = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=layers, attention_head_dim=head_dim,
-        num_attention_heads=heads, joint_attention_dim=24, axes_dims_rope=rope, zero_cond_t=zero_cond_t,
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.3 / p.shape[-1] ** 0.25 if p.dim() > 1 else 0.1)
-    return model if dtype == torch.float32 else model.to(dtype)
+    """`qwen_fused.tiny.random_transformer` of `tiny_config(...)`."""
+    return random_transformer(seed, dtype=dtype, **tiny_config(heads, head_dim, layers, zero_cond_t))
 
 
 def tiny_inputs(batch=2, txt_len=7, img_shapes=((1, 4, 6), (1, 4, 4)), valid_lens=None, seed=1,

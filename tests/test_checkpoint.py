@@ -10,7 +10,7 @@ from diffusers import QwenImageTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY_CFG, random_model
+from helpers import TINY_CFG, tiny_transformer
 
 from qwen_fused import fuse_qkv, load_lora
 from qwen_fused.checkpoint import convert_checkpoint, from_pretrained, load_checkpoint
@@ -21,7 +21,7 @@ CFG = TINY_CFG
 
 @pytest.fixture(scope="module")
 def base():
-    return random_model(CFG)
+    return tiny_transformer()
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,8 @@ def test_loading_keeps_live_parameters_and_checkpoint_dtype(saved):
     assert all(p is before[n] and p.dtype == torch.float32 for n, p in model.named_parameters())
     stock = load_file(str(src))
     assert torch.equal(model.transformer_blocks[0].attn.to_qkv.weight,
-                       torch.cat([stock[f"transformer_blocks.0.attn.{n}.weight"] for n in ("to_q", "to_k", "to_v")]).float())
+                       torch.cat([stock[f"transformer_blocks.0.attn.{n}.weight"]
+                                  for n in ("to_q", "to_k", "to_v")]).float())
     empty = from_pretrained(saved / "single_bf16")  # meta weights, filled from the bf16 file
     assert {p.dtype for p in empty.parameters()} == {torch.bfloat16}
     assert all(type(p) is torch.nn.Parameter and p.requires_grad for p in empty.parameters())

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY_CFG, assert_close, random_model, tiny_inputs
+from helpers import assert_close, tiny_inputs, tiny_transformer
 
 import qwen_fused
 from qwen_fused.pipeline import call_pipeline
@@ -31,7 +31,7 @@ UNEQUAL = dict(alpha_pattern={"to_v": 3.0, "to_out.0": 1.0})
 
 @pytest.fixture(scope="module")
 def base():
-    return random_model(TINY_CFG)
+    return tiny_transformer()
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +93,8 @@ def test_stock_saved_lora_loads_into_fused_model(base, inputs, tmp_path):
     # a file path without weight_name: diffusers 0.42 skips the file's config there (scale 1 everywhere);
     # the fused model does what the stock model does with the same call
     path = tmp_path / "pytorch_lora_weights.safetensors"
-    assert_close(run(loaded(base, True, path, prefix=None), inputs), run(loaded(base, False, path, prefix=None), inputs),
-                 1e-5, "file path, no weight_name")
+    assert_close(run(loaded(base, True, path, prefix=None), inputs),
+                 run(loaded(base, False, path, prefix=None), inputs), 1e-5, "file path, no weight_name")
     # a diffusers-format state dict with the `transformer.` prefix and no metadata (scale 1 everywhere)
     nometa = stock_with_lora(base, seed=1, lora_alpha=4, alpha_pattern={}, rank_pattern={})
     sd = {f"transformer.{k}": v for k, v in get_peft_model_state_dict(nometa).items()}

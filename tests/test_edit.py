@@ -99,7 +99,8 @@ def test_true_cfg_only_with_negative_prompt(model, image, tmp_path):
 
     def edit(out, *extra):  # as `_edit`, but leaving --true_cfg_scale to its default
         return main(["edit", "--model", model, "--image", image, "--image", image, "--prompt", "make it red",
-                     "--steps", "2", "--height", "32", "--width", "32", "--area", "4096", "--output", str(tmp_path / out), *extra])
+                     "--steps", "2", "--height", "32", "--width", "32", "--area", "4096",
+                     "--output", str(tmp_path / out), *extra])
 
     grab, logger = Grab(), logging.getLogger("diffusers")  # diffusers' loggers stop there (no propagation)
     level = logger.level

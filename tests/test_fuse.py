@@ -4,8 +4,9 @@ import types
 
 import pytest
 import torch
+from diffusers import QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
-from helpers import assert_close, clone_inputs, merged_view, tiny_inputs, tiny_transformer
+from helpers import assert_close, clone_inputs, merged_view, tiny_config, tiny_inputs, tiny_transformer
 
 import qwen_fused
 from qwen_fused import FusedQwenAttnProcessor
@@ -104,7 +105,7 @@ def test_keeps_dtype_device_requires_grad_and_frees_old_params():
 
 def test_meta_device_model_fuses_without_allocating():
     with torch.device("meta"):
-        model = tiny_transformer(heads=2, head_dim=32)
+        model = QwenImageTransformer2DModel(**tiny_config(heads=2, head_dim=32))
     qwen_fused.fuse_qkv(model)
     assert model.transformer_blocks[0].attn.to_qkv.weight.is_meta
     qwen_fused.unfuse_qkv(model)
@@ -220,7 +221,8 @@ def test_every_public_fuse_path_binds_the_lora_api(path):
         "import sys\n"
         "from diffusers import QwenImageTransformer2DModel\n"
         "from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin\n"
-        "assert not [m for m in sys.modules if m.split('.')[:2] == ['qwen_fused', 'lora']], 'LoRA layer imported first'\n"
+        "lora_modules = [m for m in sys.modules if m.split('.')[:2] == ['qwen_fused', 'lora']]\n"
+        "assert not lora_modules, 'LoRA layer imported first'\n"
         "model = fuse(QwenImageTransformer2DModel(num_layers=1, num_attention_heads=1, attention_head_dim=16,\n"
         "                                         joint_attention_dim=16, in_channels=16, axes_dims_rope=(4, 6, 6)))\n"
         "from qwen_fused import is_fused, unfuse_qkv\n"

@@ -25,20 +25,11 @@ _fq = sys.modules["qwen_fused.kernels.fused_qkv"]  # the module (the package att
 triton = pytest.importorskip("triton")
 _tq = pytest.importorskip("qwen_fused.kernels._triton_qkv")
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_backend")]
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEV.type == "cpu" and not _tq.INTERPRETED:
     pytest.skip("qwen_fused's Triton kernels were imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEV.type == "cuda" else [])
-
-
-@pytest.fixture(autouse=True)
-def _clean_backend(monkeypatch):
-    monkeypatch.setenv("QWEN_FUSED_DEBUG_NAN", "1")
-    monkeypatch.delenv("QWEN_FUSED_BACKEND", raising=False)
-    set_backend(None)
-    yield
-    set_backend(None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

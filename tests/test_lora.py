@@ -13,7 +13,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY_CFG, random_model
+from helpers import TINY_CFG, assert_close, tiny_transformer
 
 import qwen_fused
 from qwen_fused import convert_lora, fuse_qkv, load_lora, save_lora
@@ -27,14 +27,9 @@ INNER = 96
 QKV = tuple(STANDARD)
 
 
-def assert_close(out, ref, tol, what=""):
-    mx, rms = rel_err(out, ref)
-    assert mx <= tol, f"{what}: max rel err {mx:.3g} (rms {rms:.3g}) > {tol}"
-
-
 @pytest.fixture(scope="module")
 def base():
-    return random_model(CFG)
+    return tiny_transformer()
 
 
 @pytest.fixture(scope="module")

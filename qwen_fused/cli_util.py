@@ -1,4 +1,4 @@
-"""Small helpers shared by the CLI tools and the benchmark runner."""
+"""Helpers shared by the command-line tools (train, edit, check, convert and the benchmark runner)."""
 from __future__ import annotations
 
 import argparse
