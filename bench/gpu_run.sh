@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One-command GPU run on an offline machine: install from local wheels, run the GPU/kernel tests, tune the
-# dispatcher (kernels/tuning/<gpu-slug>.json, which the benchmark then uses), then `qwen-fused bench --quick`.
+# dispatcher (kernels/tuning/<gpu-slug>.json, which the benchmark then uses), measure the op's host time per call
+# (bench/host_time.py), then `qwen-fused bench --quick`.
 # Everything lands in OUTDIR (few files: the device machine returns at most 8):
-#   gpu_run.log  nvidia-smi.txt  gpu_tests.log  tuning-<gpu-slug>.json  bench-*.json  bench-*.md  bench-*.png
-#   <gpu-slug>.json
+#   gpu_run.log (with nvidia-smi)  gpu_tests.log  tuning-<gpu-slug>.json  host_time.json  bench-*.json  bench-*.md
+#   bench-*.png  <gpu-slug>.json
 # Copy tuning-<gpu-slug>.json back to kernels/tuning/<gpu-slug>.json, and <gpu-slug>.json
 # (bench/results/<gpu-slug>.json with this run appended) back into bench/results/.
 #
@@ -16,6 +17,7 @@
 #        tests + tune + bench exceed one 600 s device call: run `QF_BENCH_ARGS="--quick --level op,block"` first,
 #        then a second call with `QF_TEST_TIMEOUT=1 QF_TUNE_TIMEOUT=1 QF_BENCH_ARGS="--quick --level model"`
 #        QF_TUNE_TIMEOUT (s, default 90)   QF_TUNE_ARGS (extra args of python -m qwen_fused.kernels.tune)
+#        QF_HOST_TIMEOUT (s, default 60; 1 skips it in effect)
 #        QF_TILE_SWEEP="BM,maxN,BK,warps,stages ..." also times the op's forward at each tile config (tile_sweep.log)
 set -uo pipefail
 
@@ -31,14 +33,14 @@ step() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 
 step "machine"
 { nvidia-smi; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
-    --format=csv; } > "$OUT/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed (no NVIDIA driver?)" >> "$OUT/nvidia-smi.txt"
-head -n 20 "$OUT/nvidia-smi.txt"
+    --format=csv; } 2>&1 || echo "nvidia-smi failed (no NVIDIA driver?)"
 
 step "dependencies from local wheels ($WHEELS)"
 shopt -s nullglob
 whls=("$WHEELS"/*.whl)
 if (( ${#whls[@]} )); then
-    python -m pip install -q --no-index --no-deps --target "$SITE" "${whls[@]}" || { echo "wheel install failed"; exit 1; }
+    python -m pip install -q --no-index --no-deps --target "$SITE" "${whls[@]}" \
+        || { echo "wheel install failed"; exit 1; }
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
     echo "no wheels in $WHEELS; using what is installed"
@@ -49,7 +51,8 @@ step "the project"
 # (whose qwen_fused.kernels lives in kernels/ through setup.py's package_dir).
 cd /tmp || exit 1
 check() { python -c "import qwen_fused, qwen_fused.kernels, qwen_fused.bench.cli" 2>/dev/null; }
-if [ -n "${QF_SHIM:-}" ] || ! (PIP_NO_INDEX=1 python -m pip install -q --no-deps --no-build-isolation --use-pep517 -e "$REPO" && check); then
+editable() { PIP_NO_INDEX=1 python -m pip install -q --no-deps --no-build-isolation --use-pep517 -e "$REPO"; }
+if [ -n "${QF_SHIM:-}" ] || ! (editable && check); then
     # no setuptools (or no write access): a shim package tree of symlinks with the package_dir mapping
     echo "editable install unavailable; using a symlink shim of the package_dir mapping"
     SHIM=$(mktemp -d /tmp/qf_shim.XXXX)
@@ -68,7 +71,8 @@ print("torch", torch.__version__, "| triton", triton.__version__, "| diffusers",
 EOF
 
 step "GPU and kernel tests"
-timeout "${QF_TEST_TIMEOUT:-180}" python -m pytest "$REPO/tests" -m "gpu or kernel" -q -rfEs --maxfail=15 -p no:cacheprovider \
+timeout "${QF_TEST_TIMEOUT:-180}" python -m pytest "$REPO/tests" -m "gpu or kernel" -q -rfEs --maxfail=15 \
+    -p no:cacheprovider \
     > "$OUT/gpu_tests.log" 2>&1
 echo "pytest exit $? (124 = timed out)"; tail -n 15 "$OUT/gpu_tests.log"
 
@@ -80,6 +84,10 @@ table=$(python -c "import torch; from qwen_fused.kernels.dispatch import slug
 print(slug(torch.cuda.get_device_name()))" 2>/dev/null)
 [ -n "$table" ] && [ -f "$REPO/kernels/tuning/$table.json" ] && cp "$REPO/kernels/tuning/$table.json" \
     "$OUT/tuning-$table.json"
+
+step "host time per op call (CPU timer without synchronising, and the profiler)"
+timeout "${QF_HOST_TIMEOUT:-60}" python -m qwen_fused.bench.host_time --out "$OUT/host_time.json"
+echo "host_time exit $? (124 = timed out)"
 
 step "benchmark"
 # shellcheck disable=SC2086

@@ -11,6 +11,7 @@ none of them.
 if __name__ == "qwen_fused.kernels":
     from ._torch_qkv import fused_qkv_torch, qkv_epilogue
     from .backend import BackendError, get_backend, set_backend
+    from .block_ops import linear_gate_residual, linear_gelu, modulated_layernorm
     from .fused_qkv import fused_qkv, joint_qkv, rope_tables
 else:
     # Imported as a top-level `kernels`: the repo root is on sys.path (`python -m pytest` run there) and
@@ -26,4 +27,4 @@ else:
         pass
 
 __all__ = ["fused_qkv", "fused_qkv_torch", "joint_qkv", "qkv_epilogue", "rope_tables", "set_backend", "get_backend",
-           "BackendError"]
+           "BackendError", "linear_gelu", "linear_gate_residual", "modulated_layernorm"]

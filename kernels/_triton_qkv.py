@@ -23,9 +23,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .backend import BackendError
+from ._triton_launch import INTERPRETED, alloc, cdiv, launcher, next_pow2
 
 
 @triton.jit
@@ -194,30 +193,6 @@ def _qkv_bwd_epilogue_kernel(DQ, DK, DV, Y, NQ, NK, COS, SIN, DY, DWP,
     tl.store(DY + dy_offs, g.to(DY.dtype.element_ty), mask=omask)
 
 
-INTERPRETED = type(_qkv_fwd_kernel).__name__ == "InterpretedFunction"
-
-
-class _Skip:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-def _launcher(kernel, probe: torch.Tensor):
-    """`wrap_triton(kernel)` on GPUs. Under the interpreter the kernel runs eagerly on real tensors; fake tensors
-    (shape propagation, opcheck) need no launch; tracing (torch.compile) cannot capture interpreted kernels."""
-    if not INTERPRETED:
-        return wrap_triton(kernel)
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    if isinstance(probe, FunctionalTensor) or torch._is_functional_tensor(probe):
-        raise BackendError("torch.compile cannot trace the Triton interpreter (TRITON_INTERPRET=1); compile with "
-                           "QWEN_FUSED_BACKEND=torch or auto on CPU")
-    if isinstance(probe, FakeTensor):
-        return _Skip()
-    return kernel
-
-
 def _heads_per_tile(heads: int, head_dim: int, max_n: int) -> int:
     hpt = 1
     while heads % (hpt * 2) == 0 and hpt * 2 * head_dim <= max_n:
@@ -239,7 +214,7 @@ def tiles(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -
         if len(vals) != 5:
             raise ValueError(f"QWEN_FUSED_TILES must be BLOCK_M,max_n,BLOCK_K,num_warps,num_stages; got {override!r}")
         return dict(zip(("BLOCK_M", "max_n", "BLOCK_K", "num_warps", "num_stages"), vals))
-    major, _ = torch.cuda.get_device_capability(device)
+    major = _major(device)
     if dtype == torch.float32:
         return dict(BLOCK_M=64, max_n=128, BLOCK_K=32, num_warps=4, num_stages=2)
     if major >= 9:  # Hopper; BLOCK_N 128 leaves registers for the fp32 epilogue
@@ -249,18 +224,28 @@ def tiles(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -
     return dict(BLOCK_M=64, max_n=128, BLOCK_K=32, num_warps=4, num_stages=2)
 
 
+_majors: dict[int, int] = {}
+
+
+def _major(device: torch.device) -> int:
+    """The GPU's compute capability major (cached: asked on every call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _majors:
+        _majors[index] = torch.cuda.get_device_capability(index)[0]
+    return _majors[index]
+
+
+def _cast(t, dtype):
+    # no dispatcher call for a same-dtype cast (every call pays for each one in host time)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _or(t, dummy):
     return dummy if t is None else t
 
 
 def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # (ignored for 16-bit operands)
-
-
-def _alloc(shape, like, poison):
-    if poison:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def _rope_strides(cos, sin):
@@ -282,10 +267,10 @@ def forward(streams, heads: int, eps: float, save_y: bool, poison: bool, impl: s
     HD = N // 3
     D = HD // heads
     S_tot = sum(s["x"].shape[1] for s in streams)
-    q = _alloc((B, S_tot, heads, D), x0, poison)
-    k = _alloc((B, S_tot, heads, D), x0, poison)
-    v = _alloc((B, S_tot, heads, D), x0, poison)
-    y = _alloc((B, S_tot, 2 * HD), x0, poison) if save_y else x0.new_empty(0)
+    q = alloc((B, S_tot, heads, D), x0, poison)
+    k = alloc((B, S_tot, heads, D), x0, poison)
+    v = alloc((B, S_tot, heads, D), x0, poison)
+    y = alloc((B, S_tot, 2 * HD), x0, poison) if save_y else x0.new_empty(0)
     cfg = tiles(x0.device, x0.dtype, heads, D)
     block_n = _heads_per_tile(heads, D, cfg["max_n"]) * D
     dummy = x0.new_empty(8)  # stands in for absent tensors (never read); keeps outputs unaliased among the args
@@ -299,7 +284,7 @@ def forward(streams, heads: int, eps: float, save_y: bool, poison: bool, impl: s
             a, lb, scale = st.get("lora_a"), st.get("lora_b"), float(st.get("lora_scale", 1.0))
             has_lora = a is not None and a.shape[0] > 0
             # S = x A^T in the LoRA dtype, as peft's lora_A computes it
-            sl = torch.matmul(x2.to(a.dtype), a.t()).to(lb.dtype) if has_lora else None
+            sl = _cast(torch.mm(_cast(x2, a.dtype), a.t()), lb.dtype) if has_lora else None
             cos, sin = st.get("cos"), st.get("sin")
             nq, nk, bias = st.get("norm_q"), st.get("norm_k"), st.get("bias")
             outs = (_or(nq, dummy), _or(nk, dummy), _or(cos, dummy), _or(sin, dummy), q, k, v,
@@ -308,21 +293,21 @@ def forward(streams, heads: int, eps: float, save_y: bool, poison: bool, impl: s
             if impl == "gemm":
                 yin = _gemm(x2, st["weight"], bias, sl, lb, scale)
                 block_m = min(cfg["BLOCK_M"], 64)  # no K loop to amortise: smaller tiles, more of them in flight
-                _launcher(_qkv_epilogue_kernel, q)[(triton.cdiv(M, block_m), N // block_n)](
+                launcher(_qkv_epilogue_kernel, q)[(cdiv(M, block_m), N // block_n)](
                     yin, *outs, M, S, S_tot, row_off, HD, *_rope_strides(cos, sin), float(eps), **flags,
                     BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,
                 )
             else:
                 R = a.shape[0] if has_lora else 0
-                grid = (triton.cdiv(M, cfg["BLOCK_M"]) * (N // block_n),)
-                _launcher(_qkv_fwd_kernel, q)[grid](
+                grid = (cdiv(M, cfg["BLOCK_M"]) * (N // block_n),)
+                launcher(_qkv_fwd_kernel, q)[grid](
                     x2, st["weight"].contiguous(), _or(bias, dummy), sl.contiguous() if has_lora else dummy,
                     lb.contiguous() if has_lora else dummy, *outs,
                     M, S, S_tot, row_off, C, R, HD, *_rope_strides(cos, sin), scale, float(eps), **flags,
                     HAS_BIAS=bias is not None, HAS_LORA=has_lora, PRECISION=_precision(x.dtype),
                     LORA_PRECISION=_precision(lb.dtype if has_lora else x.dtype), BLOCK_M=cfg["BLOCK_M"],
                     BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, num_warps=cfg["num_warps"],
-                    BLOCK_R=max(16, min(64, triton.next_power_of_2(max(R, 1)))), num_stages=cfg["num_stages"],
+                    BLOCK_R=max(16, min(64, next_pow2(max(R, 1)))), num_stages=cfg["num_stages"],
                 )
         row_off += S
     return q, k, v, y
@@ -347,22 +332,25 @@ def epilogue_backward(dq, dk, dv, y, streams, heads: int, eps: float, need_dnorm
     HD = heads * D
     M_all = sum(B * s["x"].shape[1] for s in streams)
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
-    dy = _alloc((M_all, 3 * HD), dq, poison)
+    dy = alloc((M_all, 3 * HD), dq, poison)
     cfg = tiles(dq.device, dq.dtype, heads, D)
     block_m = min(cfg["BLOCK_M"], 64)
     block_n = _heads_per_tile(heads, D, 128) * D
     num_n = 3 * HD // block_n
     dummy = dq.new_empty(8)
+    # without norm-weight grads the kernel never writes its partial sums: one unwritten stand-in (no fill launch)
+    dwp = None if need_dnorm else torch.empty((1,), dtype=torch.float32, device=dq.device)
     dnorm = []
     row_off = m_base = 0
     for st in streams:
         S = st["x"].shape[1]
         M = B * S
         nq, nk, cos, sin = st.get("norm_q"), st.get("norm_k"), st.get("cos"), st.get("sin")
-        num_m = triton.cdiv(M, block_m)
-        dwp = torch.zeros((num_m, num_n, D) if need_dnorm else (1,), dtype=torch.float32, device=dq.device)
+        num_m = cdiv(M, block_m)
+        if need_dnorm:
+            dwp = torch.zeros((num_m, num_n, D), dtype=torch.float32, device=dq.device)
         if M > 0:
-            _launcher(_qkv_bwd_epilogue_kernel, dy)[(num_m, num_n)](
+            launcher(_qkv_bwd_epilogue_kernel, dy)[(num_m, num_n)](
                 dq, dk, dv, y if y.numel() else dummy, _or(nq, dummy), _or(nk, dummy), _or(cos, dummy),
                 _or(sin, dummy), dy, dwp,
                 M, S, S_tot, row_off, m_base, HD, *_rope_strides(cos, sin), float(eps),
@@ -373,8 +361,8 @@ def epilogue_backward(dq, dk, dv, y, streams, heads: int, eps: float, need_dnorm
             per_n = dwp.sum(0)  # [num_n, D]
             q_tiles = HD // block_n
             dnorm.append(torch.stack([per_n[:q_tiles].sum(0), per_n[q_tiles:2 * q_tiles].sum(0)]))
-        else:
-            dnorm.append(torch.zeros((2, D), dtype=torch.float32, device=dq.device))
         row_off += S
         m_base += M
+    if not need_dnorm:
+        return dy, torch.zeros((len(streams), 2, D), dtype=torch.float32, device=dq.device)
     return dy, torch.stack(dnorm)

@@ -14,13 +14,14 @@
   for GEMM, LoRA and epilogue) or `gemm` (cuBLAS GEMMs, then an epilogue kernel). Under `auto` and `triton` the
   per-GPU table of measured choices picks one per call (dispatch.py).
 
-This module is the bottom of `kernels/` and knows nothing of the kernels: `fused_qkv.py` routes each call by
-this setting and by what the kernels can serve. Triton is imported lazily there, so the package imports and runs
+This module is the bottom of `kernels/` and knows nothing of the kernels: the op modules (`fused_qkv.py`,
+`block_ops.py`) route each call by this setting and by what the kernels can serve (`use_triton`). Triton is imported lazily there, so the package imports and runs
 its torch path without triton installed.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 BACKENDS = ("auto", "triton", "torch", "triton-fused", "triton-gemm")
 IMPLS = ("fused", "gemm")  # the forward implementations of the Triton route
@@ -55,3 +56,32 @@ def get_backend() -> str:
 def forced_impl(backend: str) -> str | None:
     """The forward implementation a backend value forces (`triton-gemm` -> `gemm`), or None (the table decides)."""
     return backend[len("triton-"):] if backend.startswith("triton-") else None
+
+
+_warned: set[str] = set()
+
+
+def use_triton(device_type: str, problem) -> bool:
+    """Whether a call on `device_type` runs the Triton kernels (True) or the torch path (False), by the setting.
+
+    `problem()` says why the kernels cannot serve the call (None: they can); it is asked only when the setting
+    wants the kernels. Under a `triton*` setting a problem raises `BackendError`; under `auto` the torch path runs,
+    with one warning per reason."""
+    backend = get_backend()
+    if backend == "torch" or (backend == "auto" and device_type != "cuda"):
+        return False
+    why = problem()
+    if why is None:
+        return True
+    if backend != "auto":
+        raise BackendError(f"QWEN_FUSED_BACKEND={backend} cannot run this call: {why}")
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"qwen_fused: using the torch path because {why}", RuntimeWarning, stacklevel=4)
+    return False
+
+
+def debug_nan() -> bool:
+    """QWEN_FUSED_DEBUG_NAN=1 (a test switch): kernel outputs are NaN-filled before the kernels write them, so an
+    element no kernel wrote shows."""
+    return os.environ.get("QWEN_FUSED_DEBUG_NAN", "") == "1"

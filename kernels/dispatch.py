@@ -39,8 +39,11 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
+_DEFAULT_DIR = str(Path(__file__).parent / "tuning")
+
+
 def tuning_dir() -> Path:
-    return Path(os.environ.get(ENV_DIR) or Path(__file__).parent / "tuning")
+    return Path(os.environ.get(ENV_DIR) or _DEFAULT_DIR)
 
 
 @torch.compiler.assume_constant_result
@@ -110,7 +113,8 @@ def choose(gpu: str, rows: int, rank: int, dtype: torch.dtype) -> str:
 
 @torch.compiler.assume_constant_result
 def _choose_constant(gpu, rows, rank, dtype):
-    return _choose(gpu, str(tuning_dir()), rows, rank, dtype)
+    # the folder as a plain string: every eager call gets here, and building Paths costs microseconds
+    return _choose(gpu, os.environ.get(ENV_DIR) or _DEFAULT_DIR, rows, rank, dtype)
 
 
 @functools.lru_cache(maxsize=4096)  # every eager call asks; a model sees few distinct keys

@@ -25,20 +25,21 @@ Example::
 
     q, k, v = fused_qkv(x, w, b, heads=24, norm_q=nq, norm_k=nk, cos=cos, sin=sin)
 
-This module is the op's contract: validation, the route of each call (decided once, in `_run`), and the custom op
-registered with torch.library. The math lives in `_torch_qkv.py` (the torch path) and `_triton_qkv.py` (the
-kernels, imported lazily so that the package runs without triton).
+This module is the op's contract: validation, the route of each call (decided once, in `_run`), the custom op
+registered with torch.library (what torch.compile traces), and the direct eager route (`_EagerQKV`: a plain eager
+call launches the same kernels without the op's host overhead, same results bit for bit). The math lives in
+`_torch_qkv.py` (the torch path) and `_triton_qkv.py` (the kernels, imported lazily so that the package runs
+without triton).
 """
 from __future__ import annotations
 
-import os
-import warnings
+import functools
 
 import torch
 from torch import Tensor
 
 from . import _torch_qkv, dispatch
-from .backend import BackendError, forced_impl, get_backend
+from .backend import debug_nan, forced_impl, get_backend, use_triton
 
 __all__ = ["fused_qkv", "joint_qkv", "rope_tables", "check_inputs"]
 STREAM_KEYS = ("x", "weight", "bias", "norm_q", "norm_k", "cos", "sin", "lora_a", "lora_b", "lora_scale")
@@ -76,16 +77,18 @@ def check_inputs(x, weight, bias, heads, norm_q, norm_k, cos, sin, lora_a, lora_
     D = N // (3 * heads)
     if not x.is_floating_point():
         raise TypeError(f"fused_qkv: x must be a floating tensor, got {x.dtype}")
-    named = {"weight": weight, "bias": bias, "norm_q": norm_q, "norm_k": norm_k, "lora_a": lora_a, "lora_b": lora_b}
-    for name, t in named.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"fused_qkv: {name} is on {t.device} but x is on {x.device}")
+    dev = x.device
+    for name, t in (("weight", weight), ("bias", bias), ("norm_q", norm_q), ("norm_k", norm_k), ("lora_a", lora_a),
+                    ("lora_b", lora_b)):
+        if t is not None and t.device != dev:
+            raise ValueError(f"fused_qkv: {name} is on {t.device} but x is on {dev}")
     if weight.dtype != x.dtype:
         raise TypeError(f"fused_qkv: weight dtype {weight.dtype} does not match x dtype {x.dtype}")
-    if bias is not None and tuple(bias.shape) != (N,):
+    # (torch.Size compares equal to a tuple: no tuple() per call)
+    if bias is not None and bias.shape != (N,):
         raise ValueError(f"fused_qkv: bias must be [{N}], got {tuple(bias.shape)}")
     for name, t in (("norm_q", norm_q), ("norm_k", norm_k)):
-        if t is not None and tuple(t.shape) != (D,):
+        if t is not None and t.shape != (D,):
             raise ValueError(f"fused_qkv: {name} must be [D={D}] (head_dim), got {tuple(t.shape)}")
     if (cos is None) != (sin is None):
         raise ValueError("fused_qkv: cos and sin must be given together")
@@ -93,19 +96,19 @@ def check_inputs(x, weight, bias, heads, norm_q, norm_k, cos, sin, lora_a, lora_
         if D % 2:
             raise ValueError(f"fused_qkv: RoPE needs an even head_dim, got D={D}")
         for name, t in (("cos", cos), ("sin", sin)):
-            if tuple(t.shape) != (S, D // 2):
+            if t.shape != (S, D // 2):
                 raise ValueError(f"fused_qkv: {name} must be [S={S}, D//2={D // 2}], got {tuple(t.shape)}")
             if t.dtype != torch.float32:
                 raise TypeError(f"fused_qkv: {name} must be float32, got {t.dtype}")
-            if t.device != x.device:
-                raise ValueError(f"fused_qkv: {name} is on {t.device} but x is on {x.device}")
+            if t.device != dev:
+                raise ValueError(f"fused_qkv: {name} is on {t.device} but x is on {dev}")
     if (lora_a is None) != (lora_b is None):
         raise ValueError("fused_qkv: lora_a and lora_b must be given together")
     if lora_a is not None:
         if lora_a.dim() != 2 or lora_a.shape[1] != C:
             raise ValueError(f"fused_qkv: lora_a must be [r, C={C}], got {tuple(lora_a.shape)}")
         r = lora_a.shape[0]
-        if tuple(lora_b.shape) != (N, r):
+        if lora_b.shape != (N, r):
             raise ValueError(f"fused_qkv: lora_b must be [{N}, r={r}], got {tuple(lora_b.shape)}")
         if lora_a.dtype != lora_b.dtype or not lora_a.is_floating_point():
             raise TypeError(f"fused_qkv: lora_a and lora_b must share one floating dtype, got {lora_a.dtype} "
@@ -118,43 +121,43 @@ def check_inputs(x, weight, bias, heads, norm_q, norm_k, cos, sin, lora_a, lora_
 # cuBLAS, then an epilogue kernel), by the backend setting (backend.py) and the per-GPU table (dispatch.py)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_warned: set[str] = set()
 
 
 def triton_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """Why the Triton kernels cannot serve this call, or None when they can."""
+    if torch.compiler.is_compiling():  # traced once per graph; dynamo need not see the cache
+        return _find_problem(device.type, dtype, head_dim)
+    return _cached_problem(device.type, dtype, head_dim)
+
+
+def _find_problem(device_type, dtype, head_dim):
+    # depends on nothing that changes within a process (triton's importability, the interpreter flag)
     if dtype not in DTYPES:
         return f"dtype {dtype} is not supported by the Triton kernels (float32, float16, bfloat16)"
     if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two in [16, 256]"
-    if device.type not in ("cuda", "cpu"):
-        return f"device {device} is not supported by the Triton kernels (cuda, or cpu under TRITON_INTERPRET=1)"
+    if device_type not in ("cuda", "cpu"):
+        return f"device {device_type} is not supported by the Triton kernels (cuda, or cpu under TRITON_INTERPRET=1)"
     try:
         from . import _triton_qkv
     except ImportError as e:  # triton not installed
         return f"triton is not importable ({e})"
-    if device.type == "cpu" and not _triton_qkv.INTERPRETED:
+    if device_type == "cpu" and not _triton_qkv.INTERPRETED:
         return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 in the environment before triton "
                 "is first imported")
     return None
+
+
+_cached_problem = functools.lru_cache(maxsize=None)(_find_problem)  # every eager Triton call asks
 
 
 def route(device: torch.device, dtype: torch.dtype, head_dim: int, rows: int = 0, rank: int = 0) -> str:
     """Route one call of `rows` rows (all streams) and LoRA rank `rank` (0: none): `torch`, `fused` or `gemm`.
 
     Raises under a `triton*` backend that cannot serve the call; `auto` falls back to torch with one warning."""
-    backend = get_backend()
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
+    if not use_triton(device.type, lambda: triton_problem(device, dtype, head_dim)):
         return "torch"
-    problem = triton_problem(device, dtype, head_dim)
-    if problem is None:
-        return forced_impl(backend) or dispatch.choose(dispatch.device_name(device), rows, rank, dtype)
-    if backend != "auto":
-        raise BackendError(f"QWEN_FUSED_BACKEND={backend} cannot run this call: {problem}")
-    if problem not in _warned:
-        _warned.add(problem)
-        warnings.warn(f"qwen_fused: using the torch path because {problem}", RuntimeWarning, stacklevel=3)
-    return "torch"
+    return forced_impl(get_backend()) or dispatch.choose(dispatch.device_name(device), rows, rank, dtype)
 
 
 def _key(xs, lora_as):
@@ -166,13 +169,17 @@ def _key(xs, lora_as):
 # ----------------------------------------------------------------------------------------------------------
 # public entry points
 
+_KEYSET = frozenset(STREAM_KEYS)
+_DEFAULTS = dict.fromkeys(STREAM_KEYS)  # a stream's absent arguments
+_DEFAULTS["lora_scale"] = 1.0
+
 
 def fused_qkv(x, weight, bias=None, *, heads, norm_q=None, norm_k=None, cos=None, sin=None, eps=1e-6,
               lora_a=None, lora_b=None, lora_scale=1.0):
     """Merged QKV projection + LoRA + QK RMSNorm + RoPE; see the module docstring for shapes."""
-    st = dict(x=x, weight=weight, bias=bias, norm_q=norm_q, norm_k=norm_k, cos=cos, sin=sin, lora_a=lora_a,
-              lora_b=lora_b, lora_scale=lora_scale)
-    return _run([st], heads, eps)
+    st = {"x": x, "weight": weight, "bias": bias, "norm_q": norm_q, "norm_k": norm_k, "cos": cos, "sin": sin,
+          "lora_a": lora_a, "lora_b": lora_b, "lora_scale": lora_scale}
+    return _run((st,), heads, eps)
 
 
 def joint_qkv(txt: dict, img: dict, *, heads: int, eps: float = 1e-6):
@@ -184,28 +191,30 @@ def joint_qkv(txt: dict, img: dict, *, heads: int, eps: float = 1e-6):
     """
     streams = []
     for name, s in (("txt", txt), ("img", img)):
-        unknown = set(s) - set(STREAM_KEYS)
-        if unknown:
-            raise KeyError(f"joint_qkv: {name} has unknown keys {sorted(unknown)}; allowed: {', '.join(STREAM_KEYS)}")
+        for key in s:
+            if key not in _KEYSET:
+                unknown = sorted(k for k in s if k not in _KEYSET)
+                raise KeyError(f"joint_qkv: {name} has unknown keys {unknown}; allowed: {', '.join(STREAM_KEYS)}")
+        st = {**_DEFAULTS, **s}
         for key in ("x", "weight"):
-            if s.get(key) is None:
+            if st[key] is None:
                 raise KeyError(f"joint_qkv: {name} is missing {key!r}")
-        streams.append({k: s.get(k, 1.0 if k == "lora_scale" else None) for k in STREAM_KEYS})
+        streams.append(st)
     return _run(streams, heads, eps)
 
 
 def _autocast(st):
     """Under autocast, run in the autocast dtype as F.linear would (casts are differentiable)."""
-    dev = st["x"].device.type
-    if not torch.is_autocast_enabled(dev):
-        return st
-    dt = torch.get_autocast_dtype(dev)
+    dt = torch.get_autocast_dtype(st["x"].device.type)
     return {k: (v.to(dt) if k in ("x", "weight", "bias", "lora_a", "lora_b") and isinstance(v, Tensor)
                 and v.is_floating_point() else v) for k, v in st.items()}
 
 
 def _run(streams, heads, eps):
-    streams = [_autocast(st) for st in streams]
+    x0 = streams[0]["x"]
+    if torch.is_autocast_enabled(x0.device.type):
+        streams = [_autocast(st) for st in streams]
+        x0 = streams[0]["x"]
     dims = []
     for i, st in enumerate(streams):
         try:
@@ -215,7 +224,6 @@ def _run(streams, heads, eps):
             if len(streams) == 1:
                 raise
             raise type(e)(f"{('txt', 'img')[i]} stream: {e}") from None
-    x0 = streams[0]["x"]
     for st, D in zip(streams[1:], dims[1:]):
         x = st["x"]
         if D != dims[0] or x.shape[0] != x0.shape[0] or x.dtype != x0.dtype or x.device != x0.device:
@@ -223,6 +231,10 @@ def _run(streams, heads, eps):
                              f"{x0.device}, img x {tuple(x.shape)} {x.dtype} D={D} on {x.device})")
     impl = route(x0.device, x0.dtype, dims[0], *_key([st["x"] for st in streams], [st["lora_a"] for st in streams]))
     if impl != "torch":
+        if DIRECT and not torch.compiler.is_compiling():
+            flat = [st[k] for k in _LISTS for st in streams]  # the op's lists, concatenated
+            if _eager(flat):
+                return _direct(streams, flat, heads, float(eps), impl)
         tensors = [st[k] for st in streams for k in _LISTS]
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         save_y = grad and any(st["norm_q"] is not None or st["norm_k"] is not None for st in streams)
@@ -242,9 +254,10 @@ def _run(streams, heads, eps):
 # the custom op: `qwen_fused::joint_qkv` (forward) and `qwen_fused::joint_qkv_bwd` (epilogue backward).
 # Each takes per-stream lists (one entry for fused_qkv, two for joint_qkv). The forward's `impl` is the route:
 # `fused` or `gemm` runs `_triton_qkv`, `torch` its mirror in `_torch_qkv`. `_run` calls the op only on a Triton
-# route and passes it; a direct call of the op (opcheck, torch.compile of the op) leaves it None and gets `route`'s.
+# route that it cannot take directly (tracing, see the end of this file) and passes it; a direct call of the op
+# (opcheck, torch.compile of the op) leaves it None and gets `route`'s.
 # The backward's `kernels` flag follows the forward (both Triton forwards save the same pre-norm y and share one
-# epilogue backward); its GEMMs are plain torch matmuls in `_backward`.
+# epilogue backward); its GEMMs are plain torch matmuls in `_grads` (shared with the direct route).
 # Absent optional tensors travel as empty tensors (rank-0 LoRA factors for LoRA): torch.library differentiates a
 # tensor list only when it holds no None, and a LoRA on one stream only must still get its gradient.
 
@@ -286,11 +299,6 @@ def _op_route(impl, x, weight, lora_a, heads):
     return impl
 
 
-def _poison():
-    # debug/test switch: NaN-fill outputs before the kernels write them, so unwritten elements show
-    return os.environ.get("QWEN_FUSED_DEBUG_NAN", "") == "1"
-
-
 @torch.library.triton_op("qwen_fused::joint_qkv", mutates_args=())
 def _joint_qkv_op(x: list[Tensor], weight: list[Tensor], bias: list[Tensor], norm_q: list[Tensor],
                   norm_k: list[Tensor], cos: list[Tensor], sin: list[Tensor],
@@ -303,7 +311,7 @@ def _joint_qkv_op(x: list[Tensor], weight: list[Tensor], bias: list[Tensor], nor
     if impl != "torch":
         from . import _triton_qkv
 
-        return _triton_qkv.forward(streams, heads, eps, save_y, _poison(), impl)
+        return _triton_qkv.forward(streams, heads, eps, save_y, debug_nan(), impl)
     return _torch_qkv.forward(streams, heads, eps, save_y)
 
 
@@ -319,7 +327,7 @@ def _joint_qkv_bwd_op(dq: Tensor, dk: Tensor, dv: Tensor, y: Tensor, x: list[Ten
     if kernels:
         from . import _triton_qkv
 
-        return _triton_qkv.epilogue_backward(dq, dk, dv, y, streams, heads, eps, need_dnorm, _poison())
+        return _triton_qkv.epilogue_backward(dq, dk, dv, y, streams, heads, eps, need_dnorm, debug_nan())
     return _torch_qkv.epilogue_backward(dq, dk, dv, y, streams, heads, eps, need_dnorm)
 
 
@@ -334,13 +342,41 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dq, dk, dv, _dy_unused):
-    n, heads, eps = ctx.n, ctx.heads, ctx.eps
+    n = ctx.n
     saved = ctx.saved_tensors
     lists = [list(saved[i * n:(i + 1) * n]) for i in range(9)]
-    y = saved[9 * n]
-    streams = _streams(*lists, ctx.lora_scale)
     # per-stream flags; an input list holding no tensor comes as one bool
     need = {k: list(f) if isinstance(f, (list, tuple)) else [f] * n for k, f in zip(_LISTS, ctx.needs_input_grad[:9])}
+    grads = _grads(lists, saved[9 * n], need, ctx.lora_scale, ctx.heads, ctx.eps, ctx.kernels, dq, dk, dv,
+                   _epilogue_op)
+    # no grads for the other inputs, as many as torch passed (it drops `impl` when left at its default)
+    return tuple(grads[k] for k in _LISTS) + (None,) * (len(ctx.needs_input_grad) - len(_LISTS))
+
+
+def _cast(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _scaled(t, s):
+    # t * 1.0 is t bit for bit: skip the launch (a unit LoRA scale, alpha = r, is the common case)
+    return t if s == 1.0 else t * s
+
+
+def _epilogue_op(dq, dk, dv, y, lists, streams, heads, eps, need_dnorm, kernels):
+    """The epilogue backward through its custom op (the op's backward: traceable by torch.compile)."""
+    return torch.ops.qwen_fused.joint_qkv_bwd(dq, dk, dv, y, lists[0], lists[1], lists[3], lists[4], lists[5],
+                                              lists[6], heads, eps, need_dnorm, kernels)
+
+
+def _grads(lists, y, need, lora_scale, heads, eps, kernels, dq, dk, dv, epilogue):
+    """The backward of both routes (custom op and direct): gradients of the op's nine tensor lists.
+
+    `lists` are the forward's tensor lists (absent tensors as None or the op's placeholders), `y` the saved pre-norm
+    q|k (empty when not saved), `need` the per-stream needs-grad flags by list name, `epilogue` runs the epilogue
+    backward (`_epilogue_op` or `_epilogue_direct`, which launch the same function). Returns {name: [grad per
+    stream]}."""
+    n = len(lists[0])
+    streams = _streams(*lists, lora_scale)
     x0 = streams[0]["x"]
     B, S_tot = x0.shape[0], sum(st["x"].shape[1] for st in streams)
     D = streams[0]["weight"].shape[0] // (3 * heads)
@@ -352,9 +388,7 @@ def _backward(ctx, dq, dk, dv, _dy_unused):
                                           st["lora_scale"])[..., : 2 * heads * D].to(x0.dtype) for st in streams],
                       dim=1)
     need_dnorm = any(need["norm_q"]) or any(need["norm_k"])
-    dy_all, dnorm = torch.ops.qwen_fused.joint_qkv_bwd(dq, dk, dv, y, lists[0], lists[1], lists[3], lists[4],
-                                                       lists[5], lists[6], heads, eps, need_dnorm,
-                                                       ctx.kernels)
+    dy_all, dnorm = epilogue(dq, dk, dv, y, lists, streams, heads, eps, need_dnorm, kernels)
     grads = {k: [None] * n for k in _LISTS}
     m0 = 0
     for i, st in enumerate(streams):
@@ -363,17 +397,19 @@ def _backward(ctx, dq, dk, dv, _dy_unused):
         dy = dy_all[m0:m0 + Bs * S]
         m0 += Bs * S
         x2 = x.reshape(Bs * S, C)
-        dx = dy @ w if need["x"][i] else None
+        # 2-D products as torch.mm (what matmul dispatches to for 2-D operands) and no same-dtype casts: fewer
+        # dispatcher calls per backward (host time, section 9 of design.md), the same kernels and bits
+        dx = torch.mm(dy, w) if need["x"][i] else None
         if a is not None and a.shape[0] > 0:
             ld = a.dtype
-            dyl = dy.to(ld)
-            ds = (dyl @ lb) * s  # [M, r]
+            dyl, xl = _cast(dy, ld), _cast(x2, ld)
+            ds = _scaled(torch.mm(dyl, lb), s)  # [M, r]
             if need["lora_b"][i]:
-                grads["lora_b"][i] = (dyl.t() @ (x2.to(ld) @ a.t())) * s
+                grads["lora_b"][i] = _scaled(torch.mm(dyl.t(), torch.mm(xl, a.t())), s)
             if need["lora_a"][i]:
-                grads["lora_a"][i] = ds.t() @ x2.to(ld)
+                grads["lora_a"][i] = torch.mm(ds.t(), xl)
             if dx is not None:
-                dx = dx + (ds @ a).to(dx.dtype)
+                dx = dx + _cast(torch.mm(ds, a), dx.dtype)
         else:  # rank 0 (or the placeholder of an absent LoRA, which needs no grad)
             for j, key in ((7, "lora_a"), (8, "lora_b")):
                 if need[key][i]:
@@ -381,14 +417,80 @@ def _backward(ctx, dq, dk, dv, _dy_unused):
         if dx is not None:
             grads["x"][i] = dx.view(Bs, S, C)
         if need["weight"][i]:  # never when the base weight is frozen (LoRA training)
-            grads["weight"][i] = dy.t() @ x2
+            grads["weight"][i] = torch.mm(dy.t(), x2)
         if need["bias"][i] and st["bias"] is not None:
             grads["bias"][i] = dy.sum(0, dtype=_torch_qkv.acc_dtype(dy.dtype)).to(st["bias"].dtype)
         for j, key in enumerate(("norm_q", "norm_k")):
             if need[key][i] and st[key] is not None:
                 grads[key][i] = dnorm[i, j].to(st[key].dtype)
-    # no grads for the other inputs, as many as torch passed (it drops `impl` when left at its default)
-    return tuple(grads[k] for k in _LISTS) + (None,) * (len(ctx.needs_input_grad) - len(_LISTS))
+    return grads
 
 
 _joint_qkv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the direct eager route. The custom op costs ~0.5 ms of host time per call in eager mode (argument flattening,
+# placeholders, the dispatcher, the op's autograd wrapper): a LoRA training step at train-512 is host-bound, so an
+# eager call that nothing traces launches the kernels itself, through `_EagerQKV`, with the op's forward
+# (`_triton_qkv.forward`) and the op's backward math (`_grads`, `_triton_qkv.epilogue_backward`): same results, bit
+# for bit. torch.compile, fake or functional tensors, tensor subclasses, dispatch modes and functorch transforms
+# get the custom op, which they can trace.
+
+DIRECT = True  # False sends eager calls through the custom op too (benchmarks and tests compare the two)
+_PLAIN = frozenset((type(None), Tensor, torch.nn.Parameter))
+_tq = None  # `_triton_qkv`, imported on first use (triton is optional)
+
+
+def _triton():
+    global _tq
+    if _tq is None:
+        from . import _triton_qkv
+
+        _tq = _triton_qkv
+    return _tq
+
+
+def _eager(flat) -> bool:
+    """Whether an eager call (not compiling) may skip the custom op: plain tensors (`flat`: the op's lists,
+    concatenated, x of the first stream first) that no dispatch mode or functorch transform intercepts."""
+    return (not torch._C._len_torch_dispatch_stack() and torch._C._functorch.peek_interpreter_stack() is None
+            and _PLAIN.issuperset(map(type, flat)) and not torch._is_functional_tensor(flat[0]))
+
+
+def _direct(streams, flat, heads, eps, impl):
+    if torch.is_grad_enabled():
+        for t in flat:
+            if t is not None and t.requires_grad:
+                save_y = any(st["norm_q"] is not None or st["norm_k"] is not None for st in streams)
+                return _EagerQKV.apply((streams, heads, eps, save_y, impl), *flat)
+    q, k, v, _ = _triton().forward(streams, heads, eps, False, debug_nan(), impl)
+    return q, k, v
+
+
+class _EagerQKV(torch.autograd.Function):
+    """The custom op's forward and backward without the op: inputs (spec, *the op's lists concatenated)."""
+
+    @staticmethod
+    def forward(ctx, spec, *flat):
+        streams, heads, eps, save_y, impl = spec
+        q, k, v, y = _triton().forward(streams, heads, eps, save_y, debug_nan(), impl)
+        ctx.n, ctx.heads, ctx.eps = len(streams), heads, eps
+        ctx.lora_scale = [float(st["lora_scale"]) for st in streams]
+        ctx.save_for_backward(*flat, y)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        n = ctx.n
+        saved = ctx.saved_tensors
+        lists = [list(saved[i * n:(i + 1) * n]) for i in range(9)]
+        flags = ctx.needs_input_grad
+        need = {k: flags[1 + i * n:1 + (i + 1) * n] for i, k in enumerate(_LISTS)}
+        grads = _grads(lists, saved[9 * n], need, ctx.lora_scale, ctx.heads, ctx.eps, True, dq, dk, dv,
+                       _epilogue_direct)
+        return (None,) + tuple(g for k in _LISTS for g in grads[k])
+
+
+def _epilogue_direct(dq, dk, dv, y, lists, streams, heads, eps, need_dnorm, kernels):
+    return _triton().epilogue_backward(dq, dk, dv, y, streams, heads, eps, need_dnorm, debug_nan())

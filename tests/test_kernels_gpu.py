@@ -221,3 +221,146 @@ def test_tune_writes_a_table_the_dispatcher_honours(tmp_path, monkeypatch):
             assert route(torch.device("cuda"), torch.bfloat16, D, e["rows"], e["rank"]) == e["impl"]
     finally:
         dispatch.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 10: the eager direct route (no custom op on plain eager calls) never synchronises, and compiled models
+# still trace the custom op
+
+
+@pytest.mark.parametrize("route", ["direct", "op"])
+@pytest.mark.parametrize("backend", IMPLS)
+def test_lora_training_step_never_synchronises(backend, route, monkeypatch):
+    """Forward, backward and an AdamW step of LoRA training through `joint_qkv` at real width: any host-device
+    synchronisation raises under `set_sync_debug_mode("error")`."""
+    fq = sys.modules["qwen_fused.kernels.fused_qkv"]
+    monkeypatch.setattr(fq, "DIRECT", route == "direct")
+    ops = []
+    monkeypatch.setattr(fq, "_op_lists", lambda s, _f=fq._op_lists: ops.append(1) or _f(s))
+    set_backend(backend)
+    streams = _streams(300, 1024, 32, seed=8)
+    params = []
+    for st in streams:
+        st["x"].requires_grad_(True)  # an upstream LoRA needs dX
+        params += [st["lora_a"].requires_grad_(True), st["lora_b"].requires_grad_(True)]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+
+    def step():
+        q, k, v = _fused(streams)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for st in streams:
+            st["x"].grad = None
+
+    step()  # first call: kernels compiled, optimizer state created (one-time work, allowed to synchronise)
+    torch.cuda.synchronize()
+    ops.clear()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert bool(ops) == (route == "op"), "the call took the other route"
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def _lora_models(layers=2, heads=4, head_dim=64, r=8):
+    """A builder of three models with the same bf16-exact weights and LoRA on q/k/v: fused (merged targets) in
+    bf16, and stock (standard targets, A shared, B split by rows) in bf16 or float32 (the reference)."""
+    import copy
+
+    from helpers import tiny_transformer
+    from peft import LoraConfig
+
+    import qwen_fused
+    from qwen_fused.names import STREAMS
+
+    base = tiny_transformer(heads=heads, head_dim=head_dim, layers=layers).to(torch.bfloat16).float().cuda()
+    C = heads * head_dim
+    g = torch.Generator().manual_seed(5)
+    factors = [{s: ((torch.randn(r, C, generator=g) * C ** -0.5).bfloat16().float(),
+                    (torch.randn(3 * C, r, generator=g) * 0.3).bfloat16().float()) for s in STREAMS}
+               for _ in range(layers)]
+
+    def build(kind, dtype):
+        m = copy.deepcopy(base)
+        if kind == "fused":
+            m = qwen_fused.fuse_qkv(m)
+        targets = list(STREAMS) if kind == "fused" else [p for ps in STREAMS.values() for p in ps]
+        m.add_adapter(LoraConfig(r=r, lora_alpha=r, target_modules=targets))
+        with torch.no_grad():
+            for blk, fs in zip(m.transformer_blocks, factors):
+                for s, parts in STREAMS.items():
+                    a, b = fs[s]
+                    for j, name in enumerate([s] if kind == "fused" else parts):
+                        layer = getattr(blk.attn, name)
+                        layer.lora_A["default"].weight.copy_(a)
+                        layer.lora_B["default"].weight.copy_(b if kind == "fused" else b[j * C:(j + 1) * C])
+        for n, p in m.named_parameters():
+            p.requires_grad_("lora_" in n)
+        return m.to(dtype)
+
+    return build
+
+
+def _merged_lora_grads(model):
+    """LoRA gradients in merged naming: a stock model's q/k/v A grads summed (A is shared), B grads concatenated."""
+    from qwen_fused.names import STREAMS
+
+    out = {}
+    for i, blk in enumerate(model.transformer_blocks):
+        for s, parts in STREAMS.items():
+            layers = [getattr(blk.attn, s)] if hasattr(blk.attn, s) else [getattr(blk.attn, p) for p in parts]
+            a = [lyr.lora_A["default"].weight.grad.float() for lyr in layers]
+            b = [lyr.lora_B["default"].weight.grad.float() for lyr in layers]
+            out[f"{i}.{s}.lora_A"], out[f"{i}.{s}.lora_B"] = sum(a), torch.cat(b)
+    return out
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_fused_lora_model_matches_eager_and_stock(compiler, monkeypatch):
+    """Fused blocks compiled with fullgraph=True (backend triton): the custom op in the graph, never the direct
+    route; output and LoRA gradients as close to a float32 stock reference as stock bf16 is, and as eager fused."""
+    from helpers import clone_inputs, tiny_inputs
+
+    fq = sys.modules["qwen_fused.kernels.fused_qkv"]
+    set_backend("triton")
+    build = _lora_models()
+    kw = tiny_inputs(batch=2, txt_len=7, img_shapes=((1, 4, 6), (1, 4, 4)), valid_lens=(7, 4))
+    kw = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    g = torch.Generator(device="cuda").manual_seed(9)
+
+    def run(model, dtype):
+        inputs = {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v)
+                  for k, v in clone_inputs(kw).items()}
+        out = model(**inputs).sample.float()
+        (out * weights).sum().backward()
+        return [out], _merged_lora_grads(model)
+
+    weights = None
+    ref = build("stock", torch.float32)
+    with torch.no_grad():
+        weights = torch.randn(ref(**clone_inputs(kw)).sample.shape, generator=g, device="cuda")
+    results = {"ref": run(ref, torch.float32), "stock": run(build("stock", torch.bfloat16), torch.bfloat16),
+               "eager": run(build("fused", torch.bfloat16), torch.bfloat16)}
+    compiled = build("fused", torch.bfloat16)
+    torch._dynamo.reset()
+    for blk in compiled.transformer_blocks:
+        blk.compile(fullgraph=True, backend=compiler)
+    traced = []
+    monkeypatch.setattr(fq, "_op_lists", lambda s, _f=fq._op_lists: traced.append(1) or _f(s))
+    monkeypatch.setattr(fq, "_direct", lambda *a: pytest.fail("the compiled model took the direct route"))
+    results["compiled"] = run(compiled, torch.bfloat16)
+    assert traced, "the compiled blocks did not trace the custom op"
+    ref_out, ref_grads = results["ref"]
+    for name in ["out"] + sorted(ref_grads):
+        pick = (lambda r: r[0][0]) if name == "out" else (lambda r, n=name: r[1][n])
+        for ours in ("eager", "compiled"):
+            _compare(f"{name} {ours}", pick(results[ours]), pick(results["stock"]), pick(results["ref"]), 1.5, 1.25)
+        mx, rms = rel_err(pick(results["compiled"]), pick(results["eager"]))
+        print(f"{name}: compiled vs eager fused max {mx:.3e} rms {rms:.3e}", file=sys.stderr)
+        assert mx <= 2 ** -4 and rms <= 2 ** -6, (name, mx, rms)
