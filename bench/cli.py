@@ -18,11 +18,13 @@ def add_parser(subparsers):
                    help="a small subset with both model-level cases (about 5-6 minutes on an H100/H200)")
     p.add_argument("--cases", type=_csv, help="comma-separated case names or globs, e.g. 'op/edit-1024/*'")
     p.add_argument("--providers", type=_csv, help="comma-separated: stock,stock-compile,ours-triton,ours-torch,"
-                                                   "ours-compile,gemm (stock is always added)")
+                                                   "ours-compile,ours-blocks,ours-blocks-compile,gemm "
+                                                   "(stock is always added)")
     p.add_argument("--level", type=_csv, help="op,block,model")
     p.add_argument("--mode", type=_csv, help="fwd,fwdbwd")
     p.add_argument("--blocks", type=int, default=4, help="blocks for the model level (default 4)")
-    p.add_argument("--out", default="out/bench", help="folder for this run's JSON, markdown and PNG (default out/bench)")
+    p.add_argument("--out", default="out/bench",
+                   help="folder for this run's JSON, markdown and PNG (default out/bench)")
     p.add_argument("--results-dir", default=None, help="per-GPU results files (default: bench/results/)")
     p.add_argument("--no-save", action="store_true", help="do not append this run to the per-GPU results file")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -58,7 +60,7 @@ def main(args) -> int:
         print("\n".join(c.name for c in cases))
         return 0
 
-    from qwen_fused._util import resolve_device
+    from qwen_fused.cli_util import resolve_device
 
     from . import runner
 

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from qwen_fused._util import quiet_diffusers
 from qwen_fused.names import STREAMS
+from qwen_fused.tiny import random_transformer, rope_axes
 
 from .cases import REAL_DIMS, SHAPES, TINY_DIMS, TINY_SEQ_DIV, Case
 from .providers import Unavailable, use_backend, use_backend_reset
@@ -33,8 +33,9 @@ TINY_MAX_BLOCKS = 3        # without CUDA: at most this many (tiny) blocks
 N_IMAGES = {"t2i-1328": 1, "edit-1024": 2, "edit-1024x2": 3, "train-512": 2}  # target + condition images
 STOCK_GROUP = ("stock", "stock-compile")                      # run on the stock model
 OURS_GROUP = ("ours-triton", "ours-torch", "ours-compile")   # run on the same model, fused in place
+BLOCKS_GROUP = ("ours-blocks", "ours-blocks-compile")         # then with `fuse_blocks` on top
 BACKEND = {"stock": None, "stock-compile": None, "ours-triton": "triton", "ours-torch": "torch",
-           "ours-compile": "auto"}
+           "ours-compile": "auto", "ours-blocks": "auto", "ours-blocks-compile": "auto"}
 
 
 def repeats(cuda: bool, quick: bool) -> int:
@@ -77,30 +78,12 @@ class Setup:
         self.grad_out = rnd(B, self.s_img, self.in_channels)  # d(loss)/d(output): a fixed direction
 
     def build(self, n_layers, seed=0):
-        """bf16 model with random weights, parameters created on meta and materialised in place on the device."""
-        from accelerate import init_empty_weights
-        from diffusers import QwenImageTransformer2DModel
-
+        """The bf16 model with random weights (materialised in place: no fp32 copy of the full model)."""
         d = self.head_dim
-        with quiet_diffusers(), init_empty_weights(include_buffers=False):  # RoPE tables stay real tensors
-            model = QwenImageTransformer2DModel(
-                patch_size=2, in_channels=self.in_channels, out_channels=self.in_channels // 4,
-                num_layers=n_layers, attention_head_dim=d, num_attention_heads=self.heads,
-                joint_attention_dim=self.joint_dim, axes_dims_rope=(d // 8, 7 * d // 16, 7 * d // 16))
-        g = torch.Generator(device=self.device).manual_seed(seed)
-        for mod in model.modules():
-            for name, p in list(mod._parameters.items()):
-                if p is None:
-                    continue
-                t = torch.empty(p.shape, device=self.device, dtype=self.dtype)
-                if p.dim() > 1:
-                    t.normal_(0, p.shape[1] ** -0.5, generator=g)
-                elif name == "weight":  # norm weights: not exactly 1, which would hide a missing multiply
-                    t.normal_(1.0, 0.1, generator=g)
-                else:
-                    t.normal_(0, 0.02, generator=g)
-                mod._parameters[name] = torch.nn.Parameter(t, requires_grad=False)
-        return model.to(self.device).eval()
+        return random_transformer(seed, dtype=self.dtype, device=self.device, in_channels=self.in_channels,
+                                  out_channels=self.in_channels // 4, num_layers=n_layers, attention_head_dim=d,
+                                  num_attention_heads=self.heads, joint_attention_dim=self.joint_dim,
+                                  axes_dims_rope=rope_axes(d)).requires_grad_(False)
 
     def model(self, n_layers, seed=0):
         """The case's stock model: training cases with the stock LoRA and, for -gc, diffusers' checkpointing."""
@@ -200,9 +183,8 @@ class Runner:
 
     # regional compilation is a state of the blocks: keep the compiled callables and switch them on or off
     def compile(self):
-        # no fullgraph: ours has a graph break in LoRA training (kernels/fused_qkv.py, max(..., default=)); the
-        # same setting for stock, whose blocks compile to one graph either way
-        self.model.compile_repeated_blocks()
+        # fullgraph, as `qwen-fused train/edit --compile` runs: a graph break is a bug to see, not to time
+        self.model.compile_repeated_blocks(fullgraph=True)
         self.compiled = {b: b._compiled_call_impl for b in self.model.transformer_blocks}
 
     def use(self, name):
@@ -221,7 +203,8 @@ class Runner:
 
 def groups(setup: Setup, model, providers):
     """(provider names, Runner) for stock, then for ours on the same model fused in place (LoRA reloaded from
-    the state dict of stock's adapter). A generator: the model changes between the groups."""
+    the state dict of stock's adapter), then for ours with `fuse_blocks` too. A generator: the model changes
+    between the groups."""
     import qwen_fused
     from peft.utils import get_peft_model_state_dict
 
@@ -239,7 +222,13 @@ def groups(setup: Setup, model, providers):
         qwen_fused.load_lora(model, lora)
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
-    yield ours, Runner(setup, model)
+    run = Runner(setup, model)
+    yield ours, run
+    blocks = [p for p in BLOCKS_GROUP if p in providers]
+    if blocks:
+        run.uncompile()
+        qwen_fused.fuse_blocks(model)
+        yield blocks, Runner(setup, model)
 
 
 # --------------------------------------------------------------------------------------------------- a case
@@ -258,18 +247,17 @@ def run_model_case(case: Case, providers, device, tiny, quick, seed, res, judge,
         elif name == "ours-triton" and not cuda:
             provs[name].update(status="unavailable", reason="the Triton backend needs a CUDA device")
 
-    with quiet_diffusers():
-        log(f"{prefix}{case.name}: verifying on {VERIFY_BLOCKS} blocks")
-        _verify(setup, providers, provs, judge, compare, seed)
-        ok = [n for n in providers if provs[n].get("status") == "ok"]
-        gc.collect()
-        if cuda:
-            torch.cuda.empty_cache()  # the verification models are gone before the full one is built
-        log(f"{prefix}{case.name}: building {blocks} blocks (bf16, random weights)")
-        model = setup.model(blocks, seed)
-        for names, run in groups(setup, model, ok):
-            _time_group(run, [n for n in names if n in ok], provs, res["repeats"], cuda, log, prefix + case.name)
-        use_backend_reset()
+    log(f"{prefix}{case.name}: verifying on {VERIFY_BLOCKS} blocks")
+    _verify(setup, providers, provs, judge, compare, seed)
+    ok = [n for n in providers if provs[n].get("status") == "ok"]
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()  # the verification models are gone before the full one is built
+    log(f"{prefix}{case.name}: building {blocks} blocks (bf16, random weights)")
+    model = setup.model(blocks, seed)
+    for names, run in groups(setup, model, ok):
+        _time_group(run, [n for n in names if n in ok], provs, res["repeats"], cuda, log, prefix + case.name)
+    use_backend_reset()
     if not cuda:
         for p in provs.values():
             if "ms" in p:
@@ -280,7 +268,8 @@ def _verify(setup, providers, provs, judge, compare, seed):
     small = setup.model(VERIFY_BLOCKS, seed)
     rank = setup.case.rank
     ref_dtype = torch.float32 if setup.device.type == "cuda" else torch.float64
-    ref_model = copy.deepcopy(small).to(ref_dtype)
+    # torch's Module.to: diffusers' own warns that a model built in code should be cast by from_pretrained
+    ref_model = torch.nn.Module.to(copy.deepcopy(small), ref_dtype)
     ref = Runner(setup, ref_model, dtype=ref_dtype).collect(rank)
     del ref_model
     stock_errs = None

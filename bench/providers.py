@@ -1,8 +1,10 @@
 """Benchmark providers: the ways of running a case (stock diffusers eager, stock under torch.compile, ours with
-Triton, ours on the torch path, ours under torch.compile, the bare GEMM ceiling), each built on a `Workload`.
+Triton, ours on the torch path, ours under torch.compile, ours with the fused block forward of `fuse_blocks`, the
+bare GEMM ceiling), each built on a `Workload`.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -174,6 +176,18 @@ def build_ours(w: Workload, backend, compiled=False):
     return _impl(w, step, params, backend=backend, compiled=compiled)
 
 
+def build_ours_blocks(w: Workload, compiled=False):
+    """Ours with `fuse_blocks` too, on its own copy of the fused model (the other providers keep theirs)."""
+    import qwen_fused
+
+    if w.case.level == "op":
+        raise Unavailable("the fused block forward is a block- and model-level provider")
+    use_backend("auto")
+    model = qwen_fused.fuse_blocks(copy.deepcopy(w.fused_model))
+    step, params = _blocks_provider(w, model, _fused_rope(w), compiled)
+    return _impl(w, step, params, backend="auto", compiled=compiled)
+
+
 def build_gemm(w: Workload):
     if w.case.level != "op":
         raise Unavailable("the bare GEMM ceiling is an op-level provider")
@@ -197,6 +211,9 @@ PROVIDERS = {p.name: p for p in [
     Provider("ours-triton", "ours, Triton kernels", lambda w: build_ours(w, "triton")),
     Provider("ours-torch", "ours, torch path", lambda w: build_ours(w, "torch")),
     Provider("ours-compile", "ours under torch.compile", lambda w: build_ours(w, "auto", compiled=True), False),
+    Provider("ours-blocks", "ours + fuse_blocks (Triton on CUDA, torch path elsewhere)", build_ours_blocks),
+    Provider("ours-blocks-compile", "ours + fuse_blocks under torch.compile",
+             lambda w: build_ours_blocks(w, compiled=True), False),
     Provider("gemm", "bare cuBLAS GEMM x W_qkv^T (ceiling)", build_gemm, False),
 ]}
 BASELINES = ("stock", "stock-compile")

@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "fuse_qkv": "fuse", "unfuse_qkv": "fuse", "is_fused": "fuse",
     "FusedQwenAttnProcessor": "processor",
+    "fuse_blocks": "block", "unfuse_blocks": "block", "is_blocks_fused": "block",
     "load_lora": "lora", "convert_lora": "lora", "save_lora": "lora", "add_lora": "lora",
 }
 __all__ = list(_EXPORTS)

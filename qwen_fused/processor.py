@@ -80,6 +80,21 @@ class FusedQwenAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
                  attention_mask=None, image_rotary_emb=None):
+        img_out, txt_out = self.attention(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                          attention_mask, image_rotary_emb)
+        img_out = attn.to_out[0](img_out)
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        txt_out = attn.to_add_out(txt_out)
+        return img_out, txt_out
+
+    def attention(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                  attention_mask=None, image_rotary_emb=None):
+        """Everything before the output projections: `(img_out, txt_out)`, contiguous `[B, S, H * D]` per stream.
+
+        The fused block forward (`qwen_fused.block`) calls this and applies `to_out[0]` / `to_add_out` itself, with
+        the gate and residual in the GEMM's epilogue.
+        """
         if encoder_hidden_states is None:
             raise ValueError("FusedQwenAttnProcessor requires encoder_hidden_states (text stream)")
         if attention_mask is not None:
@@ -105,12 +120,7 @@ class FusedQwenAttnProcessor:
             backend=self._attention_backend, parallel_config=self._parallel_config,
         )
         out = out.flatten(2, 3).to(query.dtype)
-        txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
-        img_out = attn.to_out[0](img_out.contiguous())
-        if len(attn.to_out) > 1:
-            img_out = attn.to_out[1](img_out)
-        txt_out = attn.to_add_out(txt_out.contiguous())
-        return img_out, txt_out
+        return out[:, seq_txt:].contiguous(), out[:, :seq_txt].contiguous()
 
 
 def _weight(norm):

@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def cpu_run():
     cases = [Case.parse("op/train-512/b1/fwdbwd-r32"), Case.parse("block/train-512/b1/fwdbwd-r32")]
-    return runner.run(cases, ["stock", "ours-torch", "gemm"], CPU, tiny=True, quick=True)
+    return runner.run(cases, ["stock", "ours-torch", "ours-blocks", "gemm"], CPU, tiny=True, quick=True)
 
 
 def test_case_names_round_trip_and_bad_names_are_named():
@@ -58,6 +58,8 @@ def test_cpu_run_verifies_then_times(cpu_run):
         assert 0 < stock["max_err"] < 0.05  # bf16 against the float64 reference
         assert ours["status"] == "ok", ours.get("reason")
         assert set(ours["errors"]) == set(stock["errors"])
+        blocks = case["providers"]["ours-blocks"]  # fuse_blocks: block level only
+        assert blocks["status"] == ("unavailable" if case["level"] == "op" else "ok"), blocks.get("reason")
         assert any(k.startswith("grad.") and "to_qkv.lora_B" in k for k in ours["errors"])  # LoRA grads checked
         assert ours["ms"] > 0 and ours["p20"] <= ours["ms"] <= ours["p80"]
         assert ours["vs_stock"] == pytest.approx(stock["ms"] / ours["ms"])
@@ -235,21 +237,22 @@ def test_ours_gets_the_stock_lora_through_load_lora():
 
 def test_model_cases_run_and_verify_on_cpu():
     done = []  # the CLI saves a partial record after each case (a time limit then loses only the last one)
-    rec = runner.run([Case.parse(n) for n in MODEL_CASES], ["stock", "ours-triton", "ours-torch"], CPU,
-                     tiny=True, quick=True, on_case=lambda r: done.append(len(r["cases"])))
+    rec = runner.run([Case.parse(n) for n in MODEL_CASES], ["stock", "ours-triton", "ours-torch", "ours-blocks"],
+                     CPU, tiny=True, quick=True, on_case=lambda r: done.append(len(r["cases"])))
     assert done == [1, 2]
     json.dumps(rec)
     for case in rec["cases"]:
         assert case["blocks"] == 60 and case["blocks_run"] == model_level.TINY_MAX_BLOCKS
         provs = case["providers"]
         assert provs["ours-triton"]["status"] == "unavailable"
-        for name in ("stock", "ours-torch"):
+        for name in ("stock", "ours-torch", "ours-blocks"):
             p = provs[name]
             assert p["status"] == "ok", p.get("reason")
             assert len(p["samples_ms"]) == case["repeats"] == model_level.repeats(cuda=False, quick=True)
             assert p["p20"] <= p["ms"] <= p["p80"] and p["peak_extra_mb"] is None  # CPU: not measured
             assert p["full_model_est_ms"] > p["ms"]
         assert set(provs["ours-torch"]["errors"]) == set(provs["stock"]["errors"])
+        assert set(provs["ours-blocks"]["errors"]) == set(provs["stock"]["errors"])
     train = rec["cases"][1]["providers"]["ours-torch"]["errors"]
     assert any(k.startswith("grad.") and ".to_k.lora_A." in k for k in train)  # LoRA grads, stock naming
     md = report.markdown(rec)
