@@ -4,9 +4,11 @@ Installed as `qwen_fused.kernels`; never imported as a top-level `kernels` modul
 (`QWEN_FUSED_BACKEND` = auto | triton | torch | triton-fused | triton-gemm, or `set_backend`) picks the Triton
 kernels or the torch path; see `backend.py`. The Triton route has two forwards, `fused` and `gemm` (cuBLAS + an
 epilogue kernel), picked per call from measured per-GPU tables in `tuning/` (`dispatch.py`, written by
-`python -m qwen_fused.kernels.tune`). Imports run one way: `fused_qkv.py` (the op's contract and route) uses
-`_torch_qkv.py`, `_triton_qkv.py` (the implementations) and `dispatch.py`; `backend.py` (the setting) imports
-none of them.
+`python -m qwen_fused.kernels.tune`). The block ops (`linear_gelu`, `linear_gate_residual`,
+`modulated_layernorm`, used by `qwen_fused.fuse_blocks`) follow the same pattern in `block_ops.py`,
+`_torch_block.py` and `_triton_block.py`. Imports run one way: the contracts (`fused_qkv.py`, `block_ops.py`) use
+their implementations, `dispatch.py` and `backend.py`; the Triton modules share `_triton_launch.py`;
+`backend.py` (the setting) imports none of them.
 """
 if __name__ == "qwen_fused.kernels":
     from ._torch_qkv import fused_qkv_torch, qkv_epilogue

@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from ._linear import lora_linear
+
 
 def linear_gelu(x, weight, bias=None):
     # diffusers FeedForward(activation_fn="gelu-approximate"): GELU.proj then F.gelu(approximate="tanh")
     return F.gelu(F.linear(x, weight, bias), approximate="tanh")
-
-
-def lora_linear(x, weight, bias=None, lora_a=None, lora_b=None, lora_scale=1.0):
-    """peft `lora.Linear.forward` (vanilla LoRA, no dropout): base output plus `lora_B(lora_A(x)) * scaling`, the
-    LoRA branch in the factors' dtype, the sum cast back to the base output's dtype."""
-    y = F.linear(x, weight, bias)
-    if lora_a is None:
-        return y
-    return (y + F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * lora_scale).to(y.dtype)
 
 
 def linear_gate_residual(x, weight, bias, gate, residual, *, lora_a=None, lora_b=None, lora_scale=1.0):

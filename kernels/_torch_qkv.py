@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def acc_dtype(dtype):
-    """The epilogue's working dtype: float32, or float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
+from ._linear import acc_dtype
 
 
 def project(x, weight, bias, lora_a, lora_b, lora_scale):

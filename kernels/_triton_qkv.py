@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._linear import cast
 from ._triton_launch import INTERPRETED, alloc, cdiv, launcher, next_pow2
 
 
@@ -235,11 +236,6 @@ def _major(device: torch.device) -> int:
     return _majors[index]
 
 
-def _cast(t, dtype):
-    # no dispatcher call for a same-dtype cast (every call pays for each one in host time)
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _or(t, dummy):
     return dummy if t is None else t
 
@@ -284,7 +280,7 @@ def forward(streams, heads: int, eps: float, save_y: bool, poison: bool, impl: s
             a, lb, scale = st.get("lora_a"), st.get("lora_b"), float(st.get("lora_scale", 1.0))
             has_lora = a is not None and a.shape[0] > 0
             # S = x A^T in the LoRA dtype, as peft's lora_A computes it
-            sl = _cast(torch.mm(_cast(x2, a.dtype), a.t()), lb.dtype) if has_lora else None
+            sl = cast(torch.mm(cast(x2, a.dtype), a.t()), lb.dtype) if has_lora else None
             cos, sin = st.get("cos"), st.get("sin")
             nq, nk, bias = st.get("norm_q"), st.get("norm_k"), st.get("bias")
             outs = (_or(nq, dummy), _or(nk, dummy), _or(cos, dummy), _or(sin, dummy), q, k, v,

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _torch_block
+from . import _linear, _torch_block
 from .backend import debug_nan, use_triton
 
 __all__ = ["linear_gelu", "linear_gate_residual", "modulated_layernorm"]
@@ -233,14 +233,14 @@ def _linear_gate_residual_op(x: Tensor, weight: Tensor, bias: Tensor | None, gat
 
         return _triton_block.linear_gate_residual(x, weight, bias, gate, residual, lora_a, lora_b, lora_scale,
                                                   debug_nan())
-    y = _torch_block.lora_linear(x, weight, bias, lora_a, lora_b, lora_scale)
+    y = _linear.lora_linear(x, weight, bias, lora_a, lora_b, lora_scale)
     return residual + gate.unsqueeze(1) * y, y
 
 
 def _lgr_setup(ctx, inputs, output):
     x, weight, bias, gate, residual, lora_a, lora_b, lora_scale = inputs[:8]
     ctx.lora_scale = lora_scale
-    ctx.has = (bias is not None, lora_a is not None)
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(x, weight, gate, lora_a, lora_b, output[1])
 
@@ -248,7 +248,6 @@ def _lgr_setup(ctx, inputs, output):
 def _lgr_backward(ctx, dout, _dy):
     x, weight, gate, lora_a, lora_b, y = ctx.saved_tensors
     need = ctx.needs_input_grad
-    has_bias, has_lora = ctx.has
     s = ctx.lora_scale
     B, S, C = x.shape
     N = weight.shape[0]
@@ -256,27 +255,14 @@ def _lgr_backward(ctx, dout, _dy):
     if need[4]:
         grads[4] = dout
     if need[3]:
-        acc = torch.promote_types(dout.dtype, torch.float32)
+        acc = _linear.acc_dtype(dout.dtype)
         grads[3] = (dout.to(acc) * y.to(acc)).sum(1).to(gate.dtype)
     if not any(need[i] for i in (0, 1, 2, 5, 6)):
         return tuple(grads)
     dy = (dout * gate.unsqueeze(1)).reshape(B * S, N)
-    x2 = x.reshape(B * S, C)
-    dx = dy @ weight if need[0] else None
-    if need[1]:  # never when the base weight is frozen (LoRA training)
-        grads[1] = dy.t() @ x2
-    if has_bias and need[2]:
-        grads[2] = dy.sum(0)
-    if has_lora:
-        ld = lora_a.dtype
-        dyl = dy.to(ld)
-        ds = (dyl @ lora_b) * s  # [M, r]
-        if need[6]:
-            grads[6] = (dyl.t() @ (x2.to(ld) @ lora_a.t())) * s
-        if need[5]:
-            grads[5] = ds.t() @ x2.to(ld)
-        if dx is not None:
-            dx = dx + (ds @ lora_a).to(dx.dtype)
+    flags = (need[0], need[1], need[2], need[5], need[6])
+    dx, grads[1], grads[2], grads[5], grads[6] = _linear.lora_linear_backward(
+        dy, x.reshape(B * S, C), weight, ctx.bias_dtype, lora_a, lora_b, s, flags)
     if dx is not None:
         grads[0] = dx.view(B, S, C)
     return tuple(grads)
@@ -304,7 +290,7 @@ def _mln_backward(ctx, dout):
     # statistics recomputed in fp32 from x (one more read of x instead of keeping them)
     x, scale = ctx.saved_tensors
     need = ctx.needs_input_grad
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = _linear.acc_dtype(x.dtype)
     xf, g = x.to(acc), dout.to(acc)
     mean = xf.mean(-1, keepdim=True)
     rstd = torch.rsqrt((xf - mean).square().mean(-1, keepdim=True) + ctx.eps)

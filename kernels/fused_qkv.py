@@ -38,7 +38,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import _torch_qkv, dispatch
+from . import _linear, _torch_qkv, dispatch
 from .backend import debug_nan, forced_impl, get_backend, use_triton
 
 __all__ = ["fused_qkv", "joint_qkv", "rope_tables", "check_inputs"]
@@ -353,15 +353,6 @@ def _backward(ctx, dq, dk, dv, _dy_unused):
     return tuple(grads[k] for k in _LISTS) + (None,) * (len(ctx.needs_input_grad) - len(_LISTS))
 
 
-def _cast(t, dtype):
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _scaled(t, s):
-    # t * 1.0 is t bit for bit: skip the launch (a unit LoRA scale, alpha = r, is the common case)
-    return t if s == 1.0 else t * s
-
-
 def _epilogue_op(dq, dk, dv, y, lists, streams, heads, eps, need_dnorm, kernels):
     """The epilogue backward through its custom op (the op's backward: traceable by torch.compile)."""
     return torch.ops.qwen_fused.joint_qkv_bwd(dq, dk, dv, y, lists[0], lists[1], lists[3], lists[4], lists[5],
@@ -396,30 +387,15 @@ def _grads(lists, y, need, lora_scale, heads, eps, kernels, dq, dk, dv, epilogue
         Bs, S, C = x.shape
         dy = dy_all[m0:m0 + Bs * S]
         m0 += Bs * S
-        x2 = x.reshape(Bs * S, C)
-        # 2-D products as torch.mm (what matmul dispatches to for 2-D operands) and no same-dtype casts: fewer
-        # dispatcher calls per backward (host time, section 9 of design.md), the same kernels and bits
-        dx = torch.mm(dy, w) if need["x"][i] else None
-        if a is not None and a.shape[0] > 0:
-            ld = a.dtype
-            dyl, xl = _cast(dy, ld), _cast(x2, ld)
-            ds = _scaled(torch.mm(dyl, lb), s)  # [M, r]
-            if need["lora_b"][i]:
-                grads["lora_b"][i] = _scaled(torch.mm(dyl.t(), torch.mm(xl, a.t())), s)
-            if need["lora_a"][i]:
-                grads["lora_a"][i] = torch.mm(ds.t(), xl)
-            if dx is not None:
-                dx = dx + _cast(torch.mm(ds, a), dx.dtype)
-        else:  # rank 0 (or the placeholder of an absent LoRA, which needs no grad)
-            for j, key in ((7, "lora_a"), (8, "lora_b")):
-                if need[key][i]:
-                    grads[key][i] = torch.zeros_like(lists[j][i])
+        flags = tuple(need[k][i] for k in ("x", "weight", "bias", "lora_a", "lora_b"))
+        dx, grads["weight"][i], grads["bias"][i], grads["lora_a"][i], grads["lora_b"][i] = \
+            _linear.lora_linear_backward(dy, x.reshape(Bs * S, C), w, None if st["bias"] is None else st["bias"].dtype,
+                                         a, lb, s, flags)
+        for j, key in ((7, "lora_a"), (8, "lora_b")):
+            if need[key][i] and grads[key][i] is None:  # rank 0 (the placeholder of an absent LoRA needs none)
+                grads[key][i] = torch.zeros_like(lists[j][i])
         if dx is not None:
             grads["x"][i] = dx.view(Bs, S, C)
-        if need["weight"][i]:  # never when the base weight is frozen (LoRA training)
-            grads["weight"][i] = torch.mm(dy.t(), x2)
-        if need["bias"][i] and st["bias"] is not None:
-            grads["bias"][i] = dy.sum(0, dtype=_torch_qkv.acc_dtype(dy.dtype)).to(st["bias"].dtype)
         for j, key in enumerate(("norm_q", "norm_k")):
             if need[key][i] and st[key] is not None:
                 grads[key][i] = dnorm[i, j].to(st[key].dtype)
