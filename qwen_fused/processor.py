@@ -93,7 +93,7 @@ class FusedQwenAttnProcessor:
         """Everything before the output projections: `(img_out, txt_out)`, contiguous `[B, S, H * D]` per stream.
 
         The fused block forward (`qwen_fused.block`) calls this and applies `to_out[0]` / `to_add_out` itself, with
-        the gate and residual in the GEMM's epilogue.
+        the gate and residual in the same op (`block_ops.linear_gate_residual`).
         """
         if encoder_hidden_states is None:
             raise ValueError("FusedQwenAttnProcessor requires encoder_hidden_states (text stream)")
