@@ -8,8 +8,9 @@ is the instance attribute. No parameter or buffer changes, so state dicts and sa
 The fused forward computes what the stock block forward computes, with the block-level ops of
 `qwen_fused.kernels.block_ops`: LayerNorm + modulation in one op, the output projections (`to_out[0]`,
 `to_add_out`, the MLP's `net[2]`) with gate and residual applied in one pass after the GEMM (the LoRA added inside
-it), the MLP's up projection with its GELU. Modules whose output it cannot reproduce exactly (hooks, dropout in training, DoRA, other wrappers) run
-as themselves with stock's expression, and a call it cannot express at all runs the stock forward.
+it), the MLP's up projection with its GELU. Modules whose output it cannot reproduce exactly (hooks, dropout in
+training, DoRA, other wrappers) run as themselves with stock's expression, and a call it cannot express at all runs
+the stock forward.
 """
 from __future__ import annotations
 
