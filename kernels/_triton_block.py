@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ._triton_launch import INTERPRETED, alloc, cdiv, launcher, next_pow2  # noqa: F401 (INTERPRETED: for callers)
 
-SQRT_2_OVER_PI = 0.7978845608028654
+# a constexpr: compiled Triton rejects plain Python globals (the interpreter does not check)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 
 
 @triton.jit(do_not_specialize=["M", "S"])

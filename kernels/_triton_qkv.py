@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ._linear import cast
-from ._triton_launch import INTERPRETED, alloc, cdiv, launcher, next_pow2
+from ._triton_launch import INTERPRETED, alloc, capability, cdiv, launcher, next_pow2  # noqa: F401
 
 
 @triton.jit
@@ -201,39 +201,49 @@ def _heads_per_tile(heads: int, head_dim: int, max_n: int) -> int:
     return hpt
 
 
-def tiles(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> dict:
-    """Tile config, keyed on architecture, dtype and head layout only (never on sequence length).
+# (BLOCK_M, max_n, BLOCK_K, num_warps, num_stages) of the fused forward. Every row compiles without register
+# spills and within the target's shared memory (`python -m qwen_fused.kernels.inspect`, tests/test_compile.py).
+TILES = {
+    "interpreter": (32, 128, 32, 4, 1),
+    "fp32": (64, 128, 16, 8, 2),  # BLOCK_K 32 held 248-255 registers a thread at 4 warps, spilled at 8
+    # Hopper and datacenter Blackwell (227 KB shared memory); BLOCK_N 128 leaves registers for the fp32 epilogue
+    "sm90": (128, 128, 64, 8, 4),
+    # Ampere, Ada and consumer Blackwell (sm_120: ~100 KB shared memory, as on consumer Ampere); 4 warps spilled
+    # 330-650 bytes a thread on sm_80
+    "sm80": (128, 128, 32, 8, 3),
+    "older": (64, 128, 32, 4, 2),
+}
+TILE_KEYS = ("BLOCK_M", "max_n", "BLOCK_K", "num_warps", "num_stages")
+# the epilogue-only kernels (gemm route forward, backward): memory-bound, so occupancy matters; 4 warps held a
+# 64 x 128 fp32 tile at 152-182 registers a thread, 8 warps halve that
+EPILOGUE_BLOCK_M, EPILOGUE_WARPS = 64, 8
+
+
+def tile_row(cap: int | None, dtype: torch.dtype) -> str:
+    """The TILES row for a target (`_triton_launch.capability`) and dtype."""
+    if cap is None:
+        return "interpreter"
+    if dtype == torch.float32:
+        return "fp32"
+    if cap in (90, 100, 103):
+        return "sm90"
+    return "sm80" if cap >= 80 else "older"
+
+
+def tiles(device: torch.device, dtype: torch.dtype) -> dict:
+    """Tile config, keyed on the target GPU and dtype only (never on sequence length).
 
     `max_n` caps BLOCK_N = heads-per-tile * head_dim. QWEN_FUSED_TILES="BLOCK_M,max_n,BLOCK_K,num_warps,num_stages"
-    overrides it on GPUs (for tuning runs of the benchmark; read per call).
+    overrides it on GPUs and in `inspect.py` (tuning runs, judging a config; read per call).
     """
-    if INTERPRETED or device.type != "cuda":
-        return dict(BLOCK_M=32, max_n=128, BLOCK_K=32, num_warps=4, num_stages=1)
-    override = os.environ.get("QWEN_FUSED_TILES")
+    cap = capability(device)
+    override = os.environ.get("QWEN_FUSED_TILES") if cap is not None else None
     if override:
         vals = [int(v) for v in override.split(",")]
         if len(vals) != 5:
             raise ValueError(f"QWEN_FUSED_TILES must be BLOCK_M,max_n,BLOCK_K,num_warps,num_stages; got {override!r}")
-        return dict(zip(("BLOCK_M", "max_n", "BLOCK_K", "num_warps", "num_stages"), vals))
-    major = _major(device)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, max_n=128, BLOCK_K=32, num_warps=4, num_stages=2)
-    if major >= 9:  # Hopper; BLOCK_N 128 leaves registers for the fp32 epilogue
-        return dict(BLOCK_M=128, max_n=128, BLOCK_K=64, num_warps=8, num_stages=4)
-    if major >= 8:  # Ampere / Ada (~100 KB shared memory on consumer parts)
-        return dict(BLOCK_M=128, max_n=128, BLOCK_K=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=64, max_n=128, BLOCK_K=32, num_warps=4, num_stages=2)
-
-
-_majors: dict[int, int] = {}
-
-
-def _major(device: torch.device) -> int:
-    """The GPU's compute capability major (cached: asked on every call)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _majors:
-        _majors[index] = torch.cuda.get_device_capability(index)[0]
-    return _majors[index]
+        return dict(zip(TILE_KEYS, vals))
+    return dict(zip(TILE_KEYS, TILES[tile_row(cap, dtype)]))
 
 
 def _or(t, dummy):
@@ -242,6 +252,21 @@ def _or(t, dummy):
 
 def _precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"  # (ignored for 16-bit operands)
+
+
+def _lora_dot(cap, x_dtype, factor_dtype, rank: int) -> tuple[str, int]:
+    """(input precision, BLOCK_R) of the LoRA product S (s B)^T in the fused forward, for target `cap`.
+
+    fp32 factors beside a 16-bit base (mixed-precision training) need an fp32-accurate product. On Hopper an "ieee"
+    dot there is FMA code in another register layout than the tensor-core accumulator it feeds, and spilled (255
+    registers, inspect.py); "tf32x3" (three tf32 products, about fp32 accuracy) runs on tensor cores without
+    spills. On sm_80 and sm_120 it is the other way round. fp32 factors also take BLOCK_R <= 32: 64 spilled
+    1.8 KB a thread."""
+    if factor_dtype != torch.float32:  # 16-bit factors, or none (then unused)
+        precision = "tf32"
+    else:
+        precision = "tf32x3" if tile_row(cap, x_dtype) == "sm90" else "ieee"
+    return precision, max(16, min(32 if factor_dtype == torch.float32 else 64, next_pow2(max(rank, 1))))
 
 
 def _rope_strides(cos, sin):
@@ -267,7 +292,7 @@ def forward(streams, heads: int, eps: float, save_y: bool, poison: bool, impl: s
     k = alloc((B, S_tot, heads, D), x0, poison)
     v = alloc((B, S_tot, heads, D), x0, poison)
     y = alloc((B, S_tot, 2 * HD), x0, poison) if save_y else x0.new_empty(0)
-    cfg = tiles(x0.device, x0.dtype, heads, D)
+    cfg = tiles(x0.device, x0.dtype)
     block_n = _heads_per_tile(heads, D, cfg["max_n"]) * D
     dummy = x0.new_empty(8)  # stands in for absent tensors (never read); keeps outputs unaliased among the args
     row_off = 0
@@ -288,22 +313,23 @@ def forward(streams, heads: int, eps: float, save_y: bool, poison: bool, impl: s
             flags = dict(HAS_NQ=nq is not None, HAS_NK=nk is not None, HAS_ROPE=cos is not None, SAVE_Y=save_y, D=D)
             if impl == "gemm":
                 yin = _gemm(x2, st["weight"], bias, sl, lb, scale)
-                block_m = min(cfg["BLOCK_M"], 64)  # no K loop to amortise: smaller tiles, more of them in flight
+                block_m = min(cfg["BLOCK_M"], EPILOGUE_BLOCK_M)  # no K loop to amortise: more tiles in flight
                 launcher(_qkv_epilogue_kernel, q)[(cdiv(M, block_m), N // block_n)](
                     yin, *outs, M, S, S_tot, row_off, HD, *_rope_strides(cos, sin), float(eps), **flags,
-                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,
+                    BLOCK_M=block_m, BLOCK_N=block_n, num_warps=EPILOGUE_WARPS, num_stages=1,
                 )
             else:
                 R = a.shape[0] if has_lora else 0
+                lora_precision, block_r = _lora_dot(capability(x.device), x.dtype, lb.dtype if has_lora else None, R)
                 grid = (cdiv(M, cfg["BLOCK_M"]) * (N // block_n),)
                 launcher(_qkv_fwd_kernel, q)[grid](
                     x2, st["weight"].contiguous(), _or(bias, dummy), sl.contiguous() if has_lora else dummy,
                     lb.contiguous() if has_lora else dummy, *outs,
                     M, S, S_tot, row_off, C, R, HD, *_rope_strides(cos, sin), scale, float(eps), **flags,
                     HAS_BIAS=bias is not None, HAS_LORA=has_lora, PRECISION=_precision(x.dtype),
-                    LORA_PRECISION=_precision(lb.dtype if has_lora else x.dtype), BLOCK_M=cfg["BLOCK_M"],
+                    LORA_PRECISION=lora_precision, BLOCK_M=cfg["BLOCK_M"],
                     BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=8, num_warps=cfg["num_warps"],
-                    BLOCK_R=max(16, min(64, next_pow2(max(R, 1)))), num_stages=cfg["num_stages"],
+                    BLOCK_R=block_r, num_stages=cfg["num_stages"],
                 )
         row_off += S
     return q, k, v, y
@@ -329,8 +355,8 @@ def epilogue_backward(dq, dk, dv, y, streams, heads: int, eps: float, need_dnorm
     M_all = sum(B * s["x"].shape[1] for s in streams)
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
     dy = alloc((M_all, 3 * HD), dq, poison)
-    cfg = tiles(dq.device, dq.dtype, heads, D)
-    block_m = min(cfg["BLOCK_M"], 64)
+    cfg = tiles(dq.device, dq.dtype)
+    block_m = min(cfg["BLOCK_M"], EPILOGUE_BLOCK_M)
     block_n = _heads_per_tile(heads, D, 128) * D
     num_n = 3 * HD // block_n
     dummy = dq.new_empty(8)
@@ -351,7 +377,7 @@ def epilogue_backward(dq, dk, dv, y, streams, heads: int, eps: float, need_dnorm
                 _or(sin, dummy), dy, dwp,
                 M, S, S_tot, row_off, m_base, HD, *_rope_strides(cos, sin), float(eps),
                 HAS_NQ=nq is not None, HAS_NK=nk is not None, HAS_ROPE=cos is not None, NEED_DW=need_dnorm,
-                D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1,
+                D=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=EPILOGUE_WARPS, num_stages=1,
             )
         if need_dnorm:
             per_n = dwp.sum(0)  # [num_n, D]

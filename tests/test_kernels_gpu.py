@@ -31,11 +31,11 @@ def _backend():
     set_backend(None)
 
 
-def _streams(s_txt, s_img, rank, dtype=torch.bfloat16, seed=0):
+def _streams(s_txt, s_img, rank, dtype=torch.bfloat16, seed=0, factor_dtype=None):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dt)
 
     streams = []
     for S in (s_txt, s_img):
@@ -45,8 +45,8 @@ def _streams(s_txt, s_img, rank, dtype=torch.bfloat16, seed=0):
                   norm_k=(torch.rand(D, generator=g, device="cuda") + 0.5).to(dtype),
                   freqs=torch.polar(torch.ones_like(ang), ang), lora_scale=0.5)
         if rank:
-            st["lora_a"] = rnd(rank, C, scale=C ** -0.5)
-            st["lora_b"] = rnd(3 * H * D, rank, scale=0.05)
+            st["lora_a"] = rnd(rank, C, scale=C ** -0.5, dt=factor_dtype or dtype)
+            st["lora_b"] = rnd(3 * H * D, rank, scale=0.05, dt=factor_dtype or dtype)
         streams.append(st)
     return streams
 
@@ -58,8 +58,9 @@ def _stock(st):
     for i, norm_w in enumerate((st["norm_q"], st["norm_k"], None)):
         rows = slice(i * H * D, (i + 1) * H * D)
         t = F.linear(x, st["weight"][rows], st["bias"][rows])
-        if st.get("lora_a") is not None:
-            t = t + F.linear(F.linear(x, st["lora_a"]), st["lora_b"][rows]) * st["lora_scale"]
+        if st.get("lora_a") is not None:  # as peft: x in the factors' dtype, the sum back in the base's
+            a = st["lora_a"]
+            t = (t + F.linear(F.linear(x.to(a.dtype), a), st["lora_b"][rows]) * st["lora_scale"]).to(x.dtype)
         t = t.unflatten(-1, (H, D))
         if norm_w is not None:
             # diffusers' RMSNorm.forward on our weight tensor (a module would wrap it in a new leaf Parameter)
@@ -139,6 +140,23 @@ def test_bf16_real_width_vs_stock(rank, train, backend):
     for (k, _), o, s, r in zip(leaves, g_ours, g_stock, g_ref):
         # the backward GEMMs' final bf16 rounding dominates both: 10% slack
         _compare(f"grad {k}", o, s, r, 1.1, 1.1)
+
+
+@pytest.mark.parametrize("backend", IMPLS)
+def test_fp32_lora_factors_on_a_bf16_base(backend):
+    """Mixed-precision LoRA training (fp32 factors beside bf16 weights; on Hopper the fused forward's LoRA product
+    runs as tf32x3): forward and the LoRA gradients no further from float64 than peft's fp32 LoRA is."""
+    set_backend(backend)
+    streams = _streams(300, 4096, 32, seed=3, factor_dtype=torch.float32)
+    leaves = [st[k].requires_grad_(True) for st in streams for k in ("lora_a", "lora_b")]
+    ours, stock = _fused(streams), _cat([_stock(st) for st in streams])
+    ref = _cat([_ref(st) for st in streams])
+    for n, o, s, r in zip("qkv", ours, stock, ref):
+        _compare(n, o, s, r, 1.05, 1.0)
+    gouts = [torch.randn_like(o) for o in ours]
+    grads = [torch.autograd.grad(outs, leaves, [t.to(outs[0].dtype) for t in gouts]) for outs in (ours, stock, ref)]
+    for i, (o, s, r) in enumerate(zip(*grads)):
+        _compare(f"grad {('lora_a', 'lora_b')[i % 2]}", o, s, r, 1.1, 1.1)
 
 
 def test_auto_sends_unsupported_head_dim_to_torch_with_one_warning():
