@@ -74,11 +74,19 @@ def main(args) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = _unique(out / f"bench-{stamp}.json")
     partial = base.with_name(base.stem + "-partial.json")
+    saved = []
 
-    def save_partial(rec):  # the cases finished so far, in case a time limit kills the run
-        report.atomic_write(partial, json.dumps(rec, indent=1) + "\n")
+    def save(rec):
+        """As the run goes (runner.run's on_progress): a time limit that kills it loses only the case in progress.
+        The finished cases go to `bench-*-partial.json` (the whole run's files are written only at its end) and,
+        for a GPU run, into the per-GPU results file, marked incomplete until the last case is done."""
+        if not rec["complete"]:
+            report.atomic_write(partial, json.dumps(rec, indent=1) + "\n")
+        if rec.get("gpu") and not args.no_save and not rec["tiny"]:
+            saved[:] = [report.append_run(rec, results_dir)]
+
     record = runner.run(cases, providers, device, tiny=True if args.tiny else None, quick=args.quick,
-                        on_case=save_partial)
+                        on_progress=save)
     partial.unlink(missing_ok=True)
     report.atomic_write(base, json.dumps(record, indent=1) + "\n")
     md = report.markdown(record)
@@ -88,9 +96,8 @@ def main(args) -> int:
         written.append(report.chart(record, base.with_suffix(".png")))
     except ImportError as e:
         print(f"no chart: {e} (pip install matplotlib)", file=sys.stderr)
-    if record.get("gpu") and not args.no_save and not record["tiny"]:
-        written.append(report.append_run(record, results_dir))
-    elif not record.get("gpu"):
+    written += saved
+    if not record.get("gpu"):
         print("CPU smoke run: not added to bench/results (GPU runs only).", file=sys.stderr)
 
     print(report.terminal_table(record))

@@ -18,7 +18,8 @@ Two measurements per call, neither of which synchronises inside the timed region
   CPU time per call (its ops included; the profiler's own per-op cost makes this higher than the timer), and
   the ops with the most self CPU time inside, in the JSON.
 
-Prints a table and writes JSON (`--out`). Without CUDA it refuses (exit 2) unless `--cpu-smoke`.
+Prints a table and writes JSON (`--out`), rewritten after every row with `complete` false until the last one, so
+a run cut by a time limit keeps the rows it finished. Without CUDA it refuses (exit 2) unless `--cpu-smoke`.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import time
 import torch
 
 from .cases import REAL_DIMS, SHAPES, TINY_DIMS, TINY_SEQ_DIV
+from .report import atomic_write
 
 LABELS = {"fwd": "host_time::forward", "bwd": "host_time::backward"}
 
@@ -199,28 +201,36 @@ def main(argv=None) -> int:
         backend = "torch"  # no interpreter: both routes are then the torch path
     calls = args.calls or (2 if args.cpu_smoke else 20)
     rounds = args.rounds or (1 if args.cpu_smoke else 5)
+    info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                torch=torch.__version__, triton=None, backend=backend, dtype=str(dtype).replace("torch.", ""),
+                calls=calls, rounds=rounds, smoke=args.cpu_smoke,
+                date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                planned=[[s, case, route] for s in shapes for case in ("infer", f"lora-r{args.rank}")
+                         for route in ("op", "direct")], complete=False, rows=[])
+    rows = info["rows"]
+
+    def save():  # after every row: a time limit that kills the tool loses only the row in progress
+        if args.out:
+            info["triton"] = getattr(sys.modules.get("triton"), "__version__", None)  # imported by the kernels
+            atomic_write(args.out, json.dumps(info, indent=1) + "\n")
+
     prev = get_backend()
     set_backend(backend)
-    rows = []
     try:
         for shape in shapes:
             for lora in (0, args.rank):
                 for route in ("op", "direct"):
                     rows.append(measure(shape, lora, route, device=device, dtype=dtype, tiny=args.cpu_smoke,
                                         calls=calls, rounds=rounds, profile=not args.no_profile))
+                    save()
                     print(f"  {shape} {rows[-1]['case']} {route}: fwd {rows[-1]['fwd_us']} us"
                           + (f", bwd {rows[-1]['bwd_us']} us" if "bwd_us" in rows[-1] else ""), file=sys.stderr)
     finally:
         set_backend(prev)
+    info["complete"] = True
+    save()
     print(_table(rows))
     if args.out:
-        triton = sys.modules.get("triton")
-        info = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                    torch=torch.__version__, triton=getattr(triton, "__version__", None), backend=backend,
-                    dtype=str(dtype).replace("torch.", ""), calls=calls, rounds=rounds, smoke=args.cpu_smoke,
-                    date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), rows=rows)
-        with open(args.out, "w") as f:
-            json.dump(info, f, indent=1)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -232,8 +232,10 @@ def groups(setup: Setup, model, providers):
 
 
 # --------------------------------------------------------------------------------------------------- a case
-def run_model_case(case: Case, providers, device, tiny, quick, seed, res, judge, compare, log, prefix=""):
-    """Fill `res["providers"]`: verify every provider on a small model, then time them on the full one."""
+def run_model_case(case: Case, providers, device, tiny, quick, seed, res, judge, compare, log, prefix="",
+                   on_group=None):
+    """Fill `res["providers"]`: verify every provider on a small model, then time them on the full one;
+    `on_group()` after each group of providers is timed (a run cut later in the case keeps those)."""
     cuda = torch.device(device).type == "cuda"
     blocks = min(case.blocks, TINY_MAX_BLOCKS) if tiny else case.blocks
     setup = Setup(case, device, tiny, blocks, seed)
@@ -257,6 +259,8 @@ def run_model_case(case: Case, providers, device, tiny, quick, seed, res, judge,
     model = setup.model(blocks, seed)
     for names, run in groups(setup, model, ok):
         _time_group(run, [n for n in names if n in ok], provs, res["repeats"], cuda, log, prefix + case.name)
+        if on_group:
+            on_group()
     use_backend_reset()
     if not cuda:
         for p in provs.values():

@@ -3,7 +3,7 @@
 One JSON file per GPU under bench/results/ (`{"gpu": NAME, "runs": [run, ...]}`), runs appended, never
 mixed across GPUs. Speedup ratios are formed inside a run, between providers of the same case, only.
 
-    python -m qwen_fused.bench.report [RESULTS_DIR] [--all]   # markdown tables from the committed JSON
+    python -m qwen_fused.bench.report [RESULTS_DIR] [--all | --since DATE]   # markdown tables from the JSON
 """
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def read_results(path: Path) -> dict:
 
 
 def append_run(record: dict, results_dir: Path = RESULTS_DIR) -> Path:
-    """Append `record` to `<results_dir>/<gpu-slug>.json`; refuses a file that holds another GPU's runs."""
+    """Add `record` to `<results_dir>/<gpu-slug>.json`, or replace the entry of the same `run_id` (a run saved as
+    it goes: `qwen-fused bench` saves after each case). Refuses a file that holds another GPU's runs."""
     gpu = record.get("gpu")
     if not gpu:
         raise ValueError("this run has no GPU (CPU run); results files hold GPU runs only")
@@ -48,9 +49,29 @@ def append_run(record: dict, results_dir: Path = RESULTS_DIR) -> Path:
     data = read_results(path) if path.exists() else {"gpu": gpu, "runs": []}
     if data["gpu"] != gpu:
         raise ValueError(f"{path} holds runs of {data['gpu']!r}, not {gpu!r}; GPUs are never mixed in one file")
-    data["runs"].append(record)
+    same = [i for i, r in enumerate(data["runs"]) if record.get("run_id") and r.get("run_id") == record["run_id"]]
+    if same:
+        data["runs"][same[0]] = record
+    else:
+        data["runs"].append(record)
     atomic_write(path, json.dumps(data, indent=1) + "\n")
     return path
+
+
+def progress(run) -> str:
+    """'' for a finished run (or one recorded before runs said); else which cases it finished, which one it was
+    cut in (the first planned one not finished) and which never started."""
+    if run.get("complete", True):
+        return ""
+    done = [c["case"] for c in run["cases"]]
+    rest = [n for n in run.get("planned", []) if n not in done]
+    cut = rest[0] if rest else "-"
+    part = run.get("in_progress") or {}
+    timed = [n for n, p in part.get("providers", {}).items() if "ms" in p] if part.get("case") == cut else []
+    if timed:  # a model case saves each group of providers: those are in the JSON, not in the tables
+        cut += f" (timed before the cut, under in_progress: {', '.join(timed)})"
+    return (f"PARTIAL RUN (cut by a time limit or a crash): {len(done)} of {len(run.get('planned', []))} cases "
+            f"finished; cut in: {cut}; not started: {', '.join(rest[1:]) or '-'}")
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -87,6 +108,7 @@ def run_header(run) -> str:
             f"commit {run.get('commit')} | {run.get('date')}"
             + (" | reduced sizes (no CUDA)" if run.get("tiny") else "")
             + (f"\n\n{SMOKE}." if run.get("smoke") else "")
+            + (f"\n\n**{progress(run)}**" if progress(run) else "")
             + (f"\n\nMeasured ceilings: bf16 matmul {c['matmul_tflops']:.0f} TFLOP/s, device copy "
                f"{c['copy_tbps']:.2f} TB/s." if c else ""))
 
@@ -145,6 +167,8 @@ def terminal_table(run) -> str:
                + ("; floor = max(FLOPs/matmul peak, bytes/copy bandwidth), measured in this run" if floors else ""))
     if run.get("smoke"):
         out.append(SMOKE)
+    if progress(run):
+        out.append(progress(run))
     return "\n".join(out)
 
 
@@ -180,9 +204,10 @@ def chart(run, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- summary
-def summary(results_dir: Path = RESULTS_DIR, all_runs=False) -> str:
-    """Markdown for README: per GPU file, the latest run (or every run), with its date and commit.
-    `results_dir` may also hold single-run files written by `qwen-fused bench --out`."""
+def summary(results_dir: Path = RESULTS_DIR, all_runs=False, since=None) -> str:
+    """Markdown for README: per GPU file, the latest run (or every run; or every run dated `since` or later, an
+    ISO date in UTC), with its date and commit. `results_dir` may also hold single-run files written by
+    `qwen-fused bench --out`."""
     files = sorted(Path(results_dir).glob("*.json"))
     if not files:
         return f"No results in {results_dir} yet: run `qwen-fused bench` on a GPU.\n"
@@ -193,9 +218,14 @@ def summary(results_dir: Path = RESULTS_DIR, all_runs=False) -> str:
             data = {"gpu": raw.get("gpu") or raw.get("device"), "runs": [raw]}
         else:
             data = read_results(f)
-        runs = data["runs"] if all_runs else data["runs"][-1:]
+        if since:
+            runs = [r for r in data["runs"] if r.get("date", "") >= since]  # both ISO UTC: the text order is time's
+        else:
+            runs = data["runs"] if all_runs else data["runs"][-1:]
         for run in runs:
             parts.append(f"### {data['gpu']}\n\n" + markdown(run))
+    if since and not parts:
+        return f"No runs dated {since} or later in {results_dir}.\n"
     return "\n".join(parts)
 
 
@@ -203,8 +233,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qwen_fused.bench.report", description=summary.__doc__)
     ap.add_argument("results_dir", nargs="?", default=str(RESULTS_DIR))
     ap.add_argument("--all", action="store_true", help="every run, not only each GPU's latest")
+    ap.add_argument("--since", help="every run dated this ISO UTC date or later, e.g. 2026-12-03T14:00:00")
     args = ap.parse_args(argv)
-    sys.stdout.write(summary(Path(args.results_dir), args.all))
+    sys.stdout.write(summary(Path(args.results_dir), args.all, args.since))
     return 0
 
 

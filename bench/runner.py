@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -203,7 +204,9 @@ def judge(errs: dict, stock_errs: dict) -> tuple[bool, str]:
 
 # ------------------------------------------------------------------------------------------- one case
 def run_case(case: Case, providers: list[str], device, tiny=False, quick=False, ceilings=None, seed=0,
-             prefix="") -> dict:
+             prefix="", on_partial=None) -> dict:
+    """One case's record. A model case (minutes long) calls `on_partial(res)` with its providers so far after each
+    group of them is timed."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch._dynamo.reset()  # a fresh compile cache per case: no recompile-limit fallbacks to eager
@@ -211,7 +214,7 @@ def run_case(case: Case, providers: list[str], device, tiny=False, quick=False, 
     else:
         l2 = 50 << 20
     if case.level == "model":
-        return _run_model_case(case, providers, device, tiny, quick, ceilings, seed, prefix)
+        return _run_model_case(case, providers, device, tiny, quick, ceilings, seed, prefix, on_partial)
     log(f"{prefix}{case.name}: building (random weights, {'tiny' if tiny else 'real'} width)")
     w = Workload(case, device, tiny=tiny, seed=seed, l2_bytes=l2)
     cost = case_cost(w)
@@ -248,11 +251,12 @@ def run_case(case: Case, providers: list[str], device, tiny=False, quick=False, 
     return res
 
 
-def _run_model_case(case, providers, device, tiny, quick, ceilings, seed, prefix) -> dict:
+def _run_model_case(case, providers, device, tiny, quick, ceilings, seed, prefix, on_partial=None) -> dict:
     """The whole transformer, one model for all providers (bench/model_level.py)."""
     res = {"case": case.name, "level": case.level, "shape": case.shape, "batch": case.batch, "mode": case.mode,
            "rank": case.rank, "gc": case.gc, "blocks": case.blocks, "providers": {}}
-    model_level.run_model_case(case, providers, device, tiny, quick, seed, res, judge, compare, log, prefix)
+    model_level.run_model_case(case, providers, device, tiny, quick, seed, res, judge, compare, log, prefix,
+                               on_group=(lambda: on_partial(res)) if on_partial else None)
     for entry in res["providers"].values():
         if "ms" in entry and res["blocks_run"] != res["blocks"]:
             entry["full_model_est_ms"] = entry["ms"] / res["blocks_run"] * res["blocks"]
@@ -337,9 +341,14 @@ def _line(e):
 
 
 # ----------------------------------------------------------------------------------------------- run
-def run(cases: list[Case], providers: list[str], device=None, tiny=None, quick=False, seed=0, on_case=None) -> dict:
-    """Measure `cases` x `providers` on `device` (default: CUDA if present). Returns the run record;
-    `on_case(record)` after each case (a run killed by a time limit still leaves the cases it finished)."""
+def run(cases: list[Case], providers: list[str], device=None, tiny=None, quick=False, seed=0,
+        on_progress=None) -> dict:
+    """Measure `cases` x `providers` on `device` (default: CUDA if present). Returns the run record.
+
+    `on_progress(record)` is called once before the first case and after each case, with `complete` False until
+    the end: a run killed by a time limit then leaves the cases it finished, and `report.progress` says which
+    case was cut (the first of `planned` not in `cases`) and which never started. A model case also calls it after
+    each group of providers, with the case so far under `in_progress` (not in `cases`: it is not finished)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     tiny = (not cuda) if tiny is None else tiny
@@ -352,15 +361,28 @@ def run(cases: list[Case], providers: list[str], device=None, tiny=None, quick=F
         log(f"ceilings: bf16 matmul {ceilings['matmul_tflops']:.1f} TFLOP/s (n={ceilings['matmul_n']}), "
             f"copy {ceilings['copy_tbps']:.3f} TB/s")
     record = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "run_id": uuid.uuid4().hex[:12],  # saving as it goes replaces this run's entry, never another's
               "commit": git_commit(), **info, "versions": versions(), "tiny": tiny, "quick": quick,
               "smoke": not cuda,
               "dtype": "bfloat16", "ceilings": ceilings,
               "kernels_backend_switch": hasattr(importlib.import_module("qwen_fused.kernels"), "set_backend"),
-              "argv": _public_argv(sys.argv[1:]), "cases": []}
+              "argv": _public_argv(sys.argv[1:]), "planned": [c.name for c in cases], "complete": False,
+              "cases": []}
+    def partial(res):  # a model case's providers timed so far: kept apart from the finished cases
+        record["in_progress"] = res
+        on_progress(record)
+
+    if on_progress:
+        on_progress(record)
     for i, case in enumerate(cases):
         record["cases"].append(run_case(case, providers, device, tiny, quick, ceilings, seed,
-                                        prefix=f"[{i + 1}/{len(cases)}] "))
-        if on_case:
-            on_case(record)
-    record["wall_s"] = time.perf_counter() - t_start
+                                        prefix=f"[{i + 1}/{len(cases)}] ",
+                                        on_partial=partial if on_progress else None))
+        record.pop("in_progress", None)
+        record["wall_s"] = time.perf_counter() - t_start
+        if on_progress and i + 1 < len(cases):
+            on_progress(record)
+    record["complete"] = True
+    if on_progress:
+        on_progress(record)
     return record

@@ -3,8 +3,10 @@
     kernels/tuning/<gpu-slug>.json      (installed as package data; QWEN_FUSED_TUNING_DIR overrides the folder)
     {"gpu": "NVIDIA H200",
      "tuned": {...free-form provenance: torch, triton, date, shape...},
-     "choices": [{"dtype": "bfloat16", "rank": 0, "rows": 8192, "impl": "gemm", "ms": {"fused": 1.07, "gemm": 0.85}},
+     "choices": [{"dtype": "bfloat16", "rank": 0, "rows": 8192, "impl": "gemm", "ms": {"fused": 1.07, "gemm": 0.85},
+                  "rounds_ms": {"fused": [1.07, 1.06, ...], "gemm": [0.85, 0.86, ...]}},
                  ...]}
+    (`ms` and `rounds_ms`, the tuning's medians, are provenance: only dtype, rank, rows and impl are read.)
 
 The key of a call is (GPU name, rows, LoRA rank, dtype): rows = B * (S_txt + S_img), all rows the call projects.
 Among the entries of the call's dtype the nearest one decides: same LoRA-or-not first, then the nearest rows and

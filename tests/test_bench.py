@@ -1,6 +1,12 @@
 """Benchmark runner on CPU: registry, verification before timing, per-GPU results files, reports."""
 import copy
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
 
 import pytest
 import torch
@@ -121,7 +127,7 @@ def test_cli_writes_json_markdown_chart(tmp_path, capsys):
 
 def _gpu_record(cpu_run, gpu, stock_ms, ours_ms):
     rec = copy.deepcopy(cpu_run)
-    rec.update(gpu=gpu, device=gpu, tiny=False, smoke=False)
+    rec.update(gpu=gpu, device=gpu, tiny=False, smoke=False, run_id=uuid.uuid4().hex[:12])  # another run
     for case in rec["cases"]:
         case["providers"]["stock"]["ms"], case["providers"]["ours-torch"]["ms"] = stock_ms, ours_ms
         for p in case["providers"].values():
@@ -168,6 +174,62 @@ def test_summary_tables_come_from_each_gpus_latest_run(cpu_run, tmp_path):
     assert "No results" in report.summary(tmp_path / "empty")
     assert cli_main(["bench", "--summary", "--results-dir", str(tmp_path)]) == 0
     assert report.main([str(tmp_path)]) == 0
+
+
+def test_results_file_holds_a_run_as_it_goes(cpu_run, tmp_path):
+    """The bench saves a GPU run into its results file before the first case and after each: one entry per run
+    (replaced, not appended again), marked partial until the run completes, and labelled so in every table."""
+    full = _gpu_record(cpu_run, "NVIDIA H200", 4.0, 1.0)
+    planned = [c["case"] for c in full["cases"]]
+    assert len(planned) == 2
+    for n in range(len(planned) + 1):  # what runner.run hands on_progress: 0 cases, 1 case, then complete
+        rec = dict(full, cases=full["cases"][:n], planned=planned, complete=n == len(planned))
+        path = report.append_run(rec, tmp_path)
+        runs = report.read_results(path)["runs"]
+        assert len(runs) == 1 and len(runs[0]["cases"]) == n and runs[0]["complete"] == (n == 2)
+        if n == 1:  # as a run killed in its second case leaves the file
+            note = report.progress(runs[0])
+            assert note.startswith("PARTIAL RUN") and f"cut in: {planned[1]}" in note and "not started: -" in note
+            assert "PARTIAL RUN" in report.markdown(runs[0]) and "PARTIAL RUN" in report.terminal_table(runs[0])
+            assert "PARTIAL RUN" in report.summary(tmp_path)
+    assert report.progress(runs[0]) == "" and "PARTIAL" not in report.markdown(runs[0])
+    other = _gpu_record(cpu_run, "NVIDIA H200", 5.0, 1.0)  # another run (its own run_id) is appended
+    assert len(report.read_results(report.append_run(other, tmp_path))["runs"]) == 2
+    # --since: the runs of one session (gpu_run.sh prints those it added)
+    assert "5.00x" in report.summary(tmp_path, since=full["date"])
+    assert report.summary(tmp_path, since="9999-01-01").startswith("No runs dated 9999-01-01")
+
+
+_KILL_AT_SECOND_CASE = """
+import os, signal, sys
+from qwen_fused.bench import runner
+from qwen_fused.cli import main
+real = runner.run_case
+def run_case(case, *a, **k):
+    if case.name == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)  # what `timeout -s KILL` does: no Python cleanup runs
+    return real(case, *a, **k)
+runner.run_case = run_case
+main(["bench", "--cases", sys.argv[1], "--providers", "ours-torch", "--device", "cpu", "--out", sys.argv[3]])
+"""
+
+
+def test_a_killed_run_keeps_its_finished_cases_and_writes_no_final_files(tmp_path):
+    """Reduced size on CPU: a run killed in its second of three cases leaves the first in its partial file,
+    names the cut case, and leaves no file that looks like a finished run."""
+    cases = ["op/train-512/b1/fwd", "op/t2i-1328/b1/fwd", "op/edit-1024/b1/fwd"]
+    proc = subprocess.run([sys.executable, "-c", _KILL_AT_SECOND_CASE, ",".join(cases), cases[1], str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    files = sorted(f.name for f in tmp_path.iterdir())
+    partial, = [f for f in files if f.endswith("-partial.json")]
+    assert files == [partial], files  # no bench-*.json / .md / .png of a "finished" run
+    rec = json.loads((tmp_path / partial).read_text())
+    assert rec["complete"] is False and rec["planned"] == cases
+    assert [c["case"] for c in rec["cases"]] == cases[:1]
+    assert rec["cases"][0]["providers"]["ours-torch"]["status"] == "ok"
+    note = report.progress(rec)
+    assert f"1 of 3 cases finished; cut in: {cases[1]}; not started: {cases[2]}" in note
 
 
 def test_recorded_command_line_hides_the_folders_written_to():
@@ -236,10 +298,22 @@ def test_ours_gets_the_stock_lora_through_load_lora():
 
 
 def test_model_cases_run_and_verify_on_cpu():
-    done = []  # the CLI saves a partial record after each case (a time limit then loses only the last one)
+    done = []  # the CLI saves the record before the first case, after each group of providers and after each case
+
+    def progress(r):
+        part = r.get("in_progress")
+        timed = sorted(n for n, p in part["providers"].items() if "ms" in p) if part else None
+        done.append((len(r["cases"]), r["complete"], timed))
+        if part and timed == ["stock"]:  # a run cut now names the case and what it had timed
+            assert f"cut in: {part['case']} (timed before the cut, under in_progress: stock)" in report.progress(r)
+
     rec = runner.run([Case.parse(n) for n in MODEL_CASES], ["stock", "ours-triton", "ours-torch", "ours-blocks"],
-                     CPU, tiny=True, quick=True, on_case=lambda r: done.append(len(r["cases"])))
-    assert done == [1, 2]
+                     CPU, tiny=True, quick=True, on_progress=progress)
+    groups = [(0, False, ["stock"]), (0, False, ["ours-torch", "stock"]),
+              (0, False, ["ours-blocks", "ours-torch", "stock"])]  # stock, then ours, then ours-blocks
+    assert done == [(0, False, None)] + groups + [(1, False, None)] + [(1,) + g[1:] for g in groups] + \
+        [(2, True, None)]
+    assert "in_progress" not in rec
     json.dumps(rec)
     for case in rec["cases"]:
         assert case["blocks"] == 60 and case["blocks_run"] == model_level.TINY_MAX_BLOCKS
@@ -265,3 +339,55 @@ def test_model_case_compiled_providers_verify_on_cpu():
                      tiny=True, quick=True)
     for name, p in rec["cases"][0]["providers"].items():
         assert p["status"] == "ok" and len(p["samples_ms"]) == rec["cases"][0]["repeats"], (name, p.get("reason"))
+
+
+# ------------------------------------------------------------------------------------------- bench/gpu_run.sh
+GPU_RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_run.sh")
+STEPS = ["setup", "tests-gpu", "tune", "bench-opblock", "bench-model", "bench-train", "tests-kernel", "host-time"]
+
+
+def _plan(tmp_path, **env):
+    """The QF_DRY=1 plan: {step: (est, budget, took)} in order, and the whole output."""
+    proc = subprocess.run(["bash", GPU_RUN, str(tmp_path / "out")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "QF_DRY": "1", **env})
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    rows = {}
+    for line in proc.stdout.splitlines():
+        cells = line.split()
+        if cells and cells[0] in STEPS + ["tile-sweep"]:
+            rows[cells[0]] = tuple(None if c == "-" else int(c) for c in cells[1:4])
+    return rows, proc.stdout
+
+
+def test_gpu_run_is_one_call_inside_the_deadline(tmp_path):
+    """bench/gpu_run.sh parses, runs the GPU tests first, and at its own estimates ends inside the 600 s a device
+    command may take; its header's plan table is the one it runs."""
+    assert subprocess.run(["bash", "-n", GPU_RUN]).returncode == 0
+    for deadline in (540, 300):
+        rows, out = _plan(tmp_path, QF_DEADLINE=str(deadline))
+        assert list(rows) == STEPS, out
+        used = sum(took or 0 for _, _, took in rows.values())
+        assert used + 15 <= deadline, out  # 15: the default reserve for the summary
+        assert all(budget is None or budget <= deadline for _, budget, _ in rows.values())
+    rows, out = _plan(tmp_path)
+    assert rows["tests-gpu"][1] > 0 and rows["bench-model"][2] is not None, out  # the priorities get their time
+    text = open(GPU_RUN).read()
+    # the default deadline, the kill grace after a budget (timeout -k 5) and the summary stay under 600 s
+    deadline = int(re.search(r"DEADLINE=\$\{QF_DEADLINE:-(\d+)\}", text).group(1))
+    grace = int(re.search(r"timeout -k (\d+) ", text).group(1))
+    assert deadline + grace + 15 < 600
+    # the header's table (est, cap, min) is the one the script runs (`step NAME EST CAP MIN FUNCTION`)
+    runs = {m[0]: m[1:4] for m in (line.split()[1:] for line in text.splitlines() if line.startswith("step "))}
+    header = {}
+    for line in text.splitlines():
+        cells = line.lstrip("# ").split()
+        if cells and cells[0] in runs and cells[-3:] and all(c.isdigit() for c in cells[-3:]):
+            header[cells[0]] = cells[-3:]
+    assert header == {k: v for k, v in runs.items() if k != "tile-sweep"}, (header, runs)
+    assert "QF_TILE_SWEEP" in text and "tile-sweep" not in rows  # the sweep only when asked for
+
+
+def test_gpu_run_sweep_runs_last_when_asked(tmp_path):
+    rows, out = _plan(tmp_path, QF_TILE_SWEEP="128,128,64,8,4")
+    assert list(rows)[-1] == "tile-sweep", out

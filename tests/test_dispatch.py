@@ -1,5 +1,6 @@
 """The dispatcher between the two Triton forwards (kernels/dispatch.py), the forcing values of QWEN_FUSED_BACKEND,
-and the tuning command's refusal without CUDA. CPU: the interpreter stands in for a GPU named `cpu`."""
+and the tuning command (its refusal without CUDA; its order and decision rule under a fake timer). CPU: the
+interpreter stands in for a GPU named `cpu`."""
 import json
 from pathlib import Path
 
@@ -148,3 +149,108 @@ def test_route_under_compile_is_a_constant_of_the_graph(tables):
     for n in (8, 9, 10):  # the second length recompiles with dynamic shapes
         assert (compiled(torch.zeros(1, n)) == 1).all()
     assert (f(torch.zeros(1, 8)) == 2).all()  # eager: the nearest entry, fused
+
+
+# ------------------------------------------------------------------------------ the tuning's decision (no GPU)
+def _fake_timer(true_ms, first_penalty=0.0):
+    """`time_one` for tune.time_rounds: each impl's true median, plus `first_penalty` (a fraction) for whichever
+    impl is timed first in its round (a warm-up or clock effect that only a fixed order turns into a verdict);
+    records the order of the calls."""
+    calls = []
+
+    def time_one(impl):
+        first = len(calls) % len(true_ms) == 0
+        calls.append(impl)
+        return true_ms[impl] * (1 + first_penalty * first)
+    return time_one, calls
+
+
+def test_tune_alternates_the_order_of_the_impls():
+    from qwen_fused.kernels import tune
+
+    time_one, calls = _fake_timer({"fused": 1.0, "gemm": 1.0})
+    rounds = tune.time_rounds(("fused", "gemm"), 4, time_one)
+    assert calls == ["fused", "gemm", "gemm", "fused", "fused", "gemm", "gemm", "fused"]
+    assert {k: len(v) for k, v in rounds.items()} == {"fused": 4, "gemm": 4}
+
+
+@pytest.mark.parametrize("gemm_ms,penalty,expected", [
+    (1.0, 0.05, "fused"),    # equal, a 5% first-position cost: alternation cancels it (timed fused first in
+                             # every round, fused would show 5% slower and lose)
+    (0.98, 0.0, "fused"),    # gemm 2% faster: inside the margin, the default stays
+    (0.96, 0.05, "gemm"),    # gemm 4% faster, even with the position cost: a clear win
+    (1.10, 0.0, "fused"),
+])
+def test_tune_keeps_fused_unless_gemm_wins_by_the_margin(gemm_ms, penalty, expected):
+    from qwen_fused.kernels import tune
+
+    time_one, _ = _fake_timer({"fused": 1.0, "gemm": gemm_ms}, penalty)
+    rounds = tune.time_rounds(("fused", "gemm"), 4, time_one)
+    assert tune.decide(rounds, margin=0.03) == expected
+
+
+def test_tune_margin_is_relative_to_the_default():
+    from qwen_fused.kernels import tune
+
+    assert tune.decide({"fused": [2.0, 2.0], "gemm": [1.94, 1.94]}, margin=0.03) == "gemm"  # exactly 3%
+    assert tune.decide({"fused": [2.0, 2.0], "gemm": [1.95, 1.95]}, margin=0.03) == "fused"
+    assert tune.decide({"fused": [2.0, 2.0], "gemm": [1.95, 1.95]}, margin=0.0) == "gemm"
+    # one slow round does not decide: the median of the round medians does
+    assert tune.decide({"fused": [1.0, 1.0, 1.0, 9.0], "gemm": [0.99, 0.99, 0.99, 0.99]}) == "fused"
+
+
+def test_tune_entry_keeps_every_median_and_the_dispatcher_reads_it(tables):
+    from qwen_fused.kernels import tune
+
+    rounds = {"fused": [1.2, 1.0, 1.1, 1.3], "gemm": [0.9, 0.8, 0.85, 0.95]}
+    e = tune.choice("float32", 0, 8192, rounds)
+    assert e["impl"] == "gemm" and e["rounds_ms"] == rounds
+    assert e["ms"] == {"fused": pytest.approx(1.15), "gemm": pytest.approx(0.875)}
+    write(tables, "Some GPU", [e])
+    assert dispatch.choose("Some GPU", 8192, 0, F32) == "gemm"
+
+
+@pytest.mark.parametrize("argv,match", [(["--rounds", "3"], "even"), (["--rounds", "0"], "even"),
+                                        (["--margin", "0.6"], "fraction")])
+def test_tune_refuses_odd_rounds_and_bad_margins(tables, capsys, argv, match):
+    from qwen_fused.kernels import tune
+
+    with pytest.raises(SystemExit):
+        tune.main(["--out", str(tables)] + argv)
+    assert match in capsys.readouterr().err
+    assert not list(tables.iterdir())
+
+
+def test_tune_writes_as_it_goes_and_a_cut_run_leaves_no_table(tables, monkeypatch):
+    """main() with the GPU faked and `measure` timed by a fake: finished keys are kept in <gpu>.partial.json
+    while it runs; only a complete run writes <gpu>.json, the table the dispatcher reads."""
+    from qwen_fused.kernels import tune
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    keys = []
+
+    def measure(rows, rank, dtype, width, heads, head_dim, rounds):
+        if len(keys) == cut_at:
+            raise KeyboardInterrupt  # stands in for the time limit of the GPU script
+        keys.append((rank, rows))
+        time_one, _ = _fake_timer({"fused": 1.0, "gemm": 0.9 if rows >= 4096 else 1.0})
+        return tune.time_rounds(("fused", "gemm"), rounds, time_one)
+
+    monkeypatch.setattr(tune, "measure", measure)
+    argv = ["--out", str(tables), "--rows", "1024,4096", "--ranks", "0,64", "--dtypes", "float32"]
+    cut_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        tune.main(argv)
+    assert sorted(p.name for p in tables.iterdir()) == ["fake-gpu.partial.json"]
+    part = json.loads((tables / "fake-gpu.partial.json").read_text())
+    assert part["tuned"]["complete"] is False and len(part["choices"]) == 3
+    keys.clear()
+    cut_at = None
+    assert tune.main(argv) == 0
+    assert sorted(p.name for p in tables.iterdir()) == ["fake-gpu.json"]
+    table = json.loads((tables / "fake-gpu.json").read_text())
+    assert table["tuned"]["complete"] is True
+    assert [(e["rank"], e["rows"], e["impl"]) for e in table["choices"]] == \
+        [(0, 1024, "fused"), (0, 4096, "gemm"), (64, 1024, "fused"), (64, 4096, "gemm")]
+    assert all(len(v) == 4 for e in table["choices"] for v in e["rounds_ms"].values())  # --rounds 4

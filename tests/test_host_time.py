@@ -30,7 +30,7 @@ def test_cpu_smoke_measures_both_routes(tmp_path, capsys):
     out = tmp_path / "h.json"
     assert host_time.main(["--cpu-smoke", "--shapes", "train-512", "--rank", "4", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert data["smoke"] and data["device"] == "cpu"
+    assert data["smoke"] and data["device"] == "cpu" and data["complete"] is True
     rows = data["rows"]
     assert [(r["case"], r["route"]) for r in rows] == [("infer", "op"), ("infer", "direct"), ("lora-r4", "op"),
                                                        ("lora-r4", "direct")]
@@ -46,3 +46,22 @@ def test_cpu_smoke_measures_both_routes(tmp_path, capsys):
         direct_names = [name for name, _ in rows[1]["fwd_prof_top"]]
         assert any("qwen_fused::joint_qkv" in n for n in op_names), op_names
         assert not any("qwen_fused::joint_qkv" in n for n in direct_names), direct_names
+
+
+def test_json_is_written_row_by_row(tmp_path, monkeypatch):
+    """A run cut after two rows leaves those two in the file, marked incomplete (the GPU script's time limit)."""
+    out = tmp_path / "h.json"
+    done = []
+
+    def measure(shape, lora, route, **kw):
+        if len(done) == 2:
+            raise KeyboardInterrupt  # stands in for the limit: the tool is stopped in its third row
+        done.append(dict(shape=shape, case=f"lora-r{lora}" if lora else "infer", route=route, fwd_us=1.0))
+        return done[-1]
+
+    monkeypatch.setattr(host_time, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        host_time.main(["--cpu-smoke", "--shapes", "train-512", "--rank", "4", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and data["rows"] == done and len(done) == 2
+    assert data["planned"][2:] == [["train-512", "lora-r4", "op"], ["train-512", "lora-r4", "direct"]]
