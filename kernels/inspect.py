@@ -38,6 +38,9 @@ ARCHS = {
     "sm_100": (100, 232448),  # B200
     "sm_120": (120, 101376),  # RTX 5090
 }
+# every module of Triton kernels; the kernels a host function launches are named `*_kernel` (tests/test_compile.py
+# checks that each of them is compiled here)
+KERNEL_MODULES = ("_triton_qkv", "_triton_block", "_triton_swiglu")
 HEADS, HEAD_DIM = 24, 128  # Qwen-Image's head layout; 2.1's 32 x 128 compiles to the same kernels (widths are
 ROWS = 16  # runtime integers, none of them specialised on), and row counts are never specialised on either
 
@@ -65,6 +68,7 @@ def _calls(dtype):
 
     from . import _triton_block as tb
     from . import _triton_qkv as tq
+    from . import _triton_swiglu as ts
 
     C = HEADS * HEAD_DIM
     cpu = dict(dtype=dtype)
@@ -101,6 +105,9 @@ def _calls(dtype):
         ("linear_gelu", lambda: tb.linear_gelu(x, w_up, z(4 * C, **cpu), save_pre=True, poison=False)),
         ("linear_gate_residual", lambda: tb.linear_gate_residual(h, w_down, None, mod, x, None, None, 1.0, False)),
         ("modulated_layernorm", lambda: tb.modulated_layernorm(x, mod, mod, 1e-6, False)),
+        # Qwen-Image 2.1's merged SwiGLU: 4096 -> 2 x 12288
+        ("swiglu gate", lambda: ts.gate_forward(z(ROWS, 2 * 12288, **cpu))),
+        ("swiglu gate backward", lambda: ts.gate_backward(z(ROWS, 12288, **cpu), z(ROWS, 2 * 12288, **cpu))),
     ]
     return calls
 

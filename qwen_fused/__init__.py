@@ -12,6 +12,10 @@ _EXPORTS = {
     "fuse_qkv": "fuse", "unfuse_qkv": "fuse", "is_fused": "fuse",
     "FusedQwenAttnProcessor": "processor",
     "fuse_blocks": "block", "unfuse_blocks": "block", "is_blocks_fused": "block",
+    "FusedQwenImage21AttnProcessor": "families.qwenimage21_processor",
+    "FusedQwenImage21FlexAttnProcessor": "families.qwenimage21_processor",
+    "fuse_swiglu": "families.qwenimage21_mlp", "unfuse_swiglu": "families.qwenimage21_mlp",
+    "is_swiglu_fused": "families.qwenimage21_mlp",
     "load_lora": "lora", "convert_lora": "lora", "save_lora": "lora", "add_lora": "lora",
 }
 __all__ = list(_EXPORTS)

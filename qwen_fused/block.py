@@ -48,6 +48,8 @@ def fuse_blocks(model_or_pipeline):
         raise ValueError("fuse_blocks needs a transformer fused by qwen_fused.fuse_qkv first (merged to_qkv "
                          "projections and the fused attention processor)")
     blocks = _blocks(model)
+    if not blocks:  # a fused Qwen-Image 2.1 model: its single-stream blocks have no fused forward (yet)
+        raise TypeError(f"fuse_blocks fuses Qwen-Image's double-stream blocks; {type(model).__name__} has none")
     if any(_is_ours(b) for b in blocks):
         raise ValueError("the blocks of this transformer are already fused; call unfuse_blocks first")
     wrapped = [b for b in blocks if "forward" in vars(b)]

@@ -1,4 +1,6 @@
-"""Convert a diffusers Qwen-Image transformer to the merged-QKV layout in place, and back."""
+"""Convert a diffusers Qwen-Image transformer (any family in qwen_fused/families/) to the merged-QKV layout in
+place, and back. What differs between families (which modules merge, the processors, the RoPE hook) comes from
+the family; this module is the shared entry."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -7,34 +9,30 @@ import torch
 from torch import nn
 
 from . import bindings
-from .names import STOCK_ORDER, STREAMS
-from .processor import FusedQwenAttnProcessor, pos_embed_hook
+from .families import transformer_and_family
 
 _HOOK_ATTR = "_qwen_fused_rope_hook"
 
 
 def transformer_of(obj):
-    """The QwenImageTransformer2DModel inside `obj` (a transformer, or a pipeline holding one)."""
-    from diffusers import QwenImageTransformer2DModel
-
-    model = getattr(obj, "transformer", obj) if not isinstance(obj, QwenImageTransformer2DModel) else obj
-    if not isinstance(model, QwenImageTransformer2DModel):
-        raise TypeError(
-            f"qwen_fused works on diffusers' QwenImageTransformer2DModel or a pipeline holding one as "
-            f".transformer; got {type(obj).__name__}"
-            + (f" with .transformer {type(model).__name__}" if model is not obj else "")
-        )
-    return model
-
-
-def _attentions(model):
-    return [(f"transformer_blocks.{i}.attn", block.attn) for i, block in enumerate(model.transformer_blocks)]
+    """The transformer inside `obj` (a transformer of a known family, or a pipeline holding one)."""
+    return transformer_and_family(obj)[0]
 
 
 def is_fused(model_or_pipeline) -> bool:
-    """True when every block of the transformer carries merged `to_qkv` / `add_qkv_proj` projections."""
-    model = transformer_of(model_or_pipeline)
-    return all(hasattr(attn, "to_qkv") for _, attn in _attentions(model)) and len(model.transformer_blocks) > 0
+    """True when every block of the transformer carries the merged projections (`to_qkv`, and `add_qkv_proj` for
+    the double-stream family) and none of the stock ones. diffusers' own `fuse_projections` adds a `to_qkv` beside
+    `to_q/k/v`: that is not fused here."""
+    model, family = transformer_and_family(model_or_pipeline)
+    attns = family.attentions(model)
+    return bool(attns) and all(_merged_state(attn, family) == "fused" for _, attn in attns)
+
+
+def _merged_state(attn, family):
+    """"fused" (merged projections only), "stock" (stock parts only) or "both" (diffusers' fuse_projections)."""
+    merged = any(hasattr(attn, m) for m in family.STREAMS)
+    stock = any(hasattr(attn, n) for parts in family.STREAMS.values() for n in parts)
+    return "both" if merged and stock else "fused" if merged else "stock"
 
 
 def _peft_layers(attn, names):
@@ -88,24 +86,27 @@ def _split_linear(merged, n):
     return parts
 
 
-def _check_stock(name, attn):
+def _check_stock(name, attn, family):
     from diffusers.models.normalization import RMSNorm
-    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
 
-    if not isinstance(attn.processor, QwenDoubleStreamAttnProcessor2_0):
+    stock = tuple(family.processors())
+    fused = tuple(family.processors().values())
+    # fused processors subclass the stock ones (2.1): an instance of a fused class is not a stock processor
+    if not isinstance(attn.processor, stock) or isinstance(attn.processor, fused):
         raise TypeError(f"{name} uses processor {type(attn.processor).__name__}; fuse_qkv only replaces "
-                        f"QwenDoubleStreamAttnProcessor2_0")
-    missing = [n for names in STREAMS.values() for n in names if getattr(attn, n, None) is None]
+                        f"{' or '.join(c.__name__ for c in stock)}")
+    streams = family.STREAMS
+    missing = [n for names in streams.values() for n in names if getattr(attn, n, None) is None]
     if missing:
-        raise TypeError(f"{name} has no {', '.join(missing)}; not a Qwen-Image attention")
-    peft = _peft_layers(attn, [n for names in STREAMS.values() for n in names])
+        raise TypeError(f"{name} has no {', '.join(missing)}; not a {family.model_class().__name__} attention")
+    peft = _peft_layers(attn, [n for names in streams.values() for n in names])
     if peft:
         raise ValueError(
             f"{name}.{peft[0]} carries a peft LoRA adapter. Fuse the QKV projections first and load the LoRA "
             f"afterwards with qwen_fused.load_lora(transformer, path), or bake it into the base weights with "
             f"transformer.fuse_lora() and transformer.unload_lora() before calling fuse_qkv."
         )
-    hooked = [n for names in STREAMS.values() for n in names
+    hooked = [n for names in streams.values() for n in names
               if hasattr(getattr(attn, n), "_hf_hook") or hasattr(getattr(attn, n), "_diffusers_hook")]
     if hooked:
         # accelerate offload hooks and diffusers hooks (layerwise casting, group offloading) live on the modules
@@ -114,7 +115,7 @@ def _check_stock(name, attn):
             f"{name}.{hooked[0]} carries accelerate/diffusers hooks (CPU offload, layerwise casting or group "
             f"offloading). Call qwen_fused.fuse_qkv before enabling them."
         )
-    norms = [attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k]
+    norms = [getattr(attn, n, None) for n in family.NORMS]
     if any(n is not None and (type(n) is not RMSNorm or n.weight is None) for n in norms):
         raise TypeError(f"{name}: fused epilogue supports RMSNorm (with weight) QK norms only")
     if len({n.eps for n in norms if n is not None}) > 1:
@@ -122,31 +123,37 @@ def _check_stock(name, attn):
 
 
 def fuse_qkv(model_or_pipeline):
-    """Merge each block's q/k/v projections (both streams) into `to_qkv` / `add_qkv_proj`, in place.
+    """Merge each block's q/k/v projections (every stream) into `to_qkv` (and `add_qkv_proj`), in place.
 
     Works block by block and frees the old parameters as it goes, so peak memory grows by one block's
     projections, not by the model. Keeps device, dtype and requires_grad; works on meta-device models.
     Returns the transformer.
     """
-    model = transformer_of(model_or_pipeline)
-    if is_fused(model) or any(hasattr(attn, "to_qkv") for _, attn in _attentions(model)):
+    model, family = transformer_and_family(model_or_pipeline)
+    attns = family.attentions(model)
+    states = {_merged_state(attn, family) for _, attn in attns}
+    if "both" in states:
+        raise ValueError("this transformer has diffusers' fuse_projections applied (to_qkv beside to_q/k/v); call "
+                         "transformer.unfuse_qkv_projections() before qwen_fused.fuse_qkv")
+    if "fused" in states:
         raise ValueError("this transformer is already fused (its blocks have to_qkv); call unfuse_qkv first")
-    attns = _attentions(model)
     if not attns:
         raise ValueError("transformer has no transformer_blocks to fuse")
     for name, attn in attns:  # validate everything before changing anything
-        _check_stock(name, attn)
+        _check_stock(name, attn, family)
     bindings.require()
+    pairs = family.processors()
     for _, attn in attns:
         stock = attn.processor
-        for merged_name, names in STREAMS.items():
+        for merged_name, names in family.STREAMS.items():
             merged = _merged_linear([getattr(attn, n) for n in names])
-            _set_modules(attn, drop=set(names), add={merged_name: merged}, anchor=STOCK_ORDER[merged_name][0])
-        proc = FusedQwenAttnProcessor()
+            _set_modules(attn, drop=set(names), add={merged_name: merged},
+                         anchor=family.STOCK_ORDER[merged_name][0])
+        proc = next(f for s, f in pairs.items() if isinstance(stock, s))()
         proc._attention_backend = stock._attention_backend
         proc._parallel_config = stock._parallel_config
         attn.set_processor(proc)
-    setattr(model, _HOOK_ATTR, model.pos_embed.register_forward_hook(pos_embed_hook))
+    setattr(model, _HOOK_ATTR, model.pos_embed.register_forward_hook(family.POS_EMBED_HOOK))
     # diffusers' LoRA API, rebound for the merged layout on this instance. The LoRA layer provides it, and this
     # module sits below that layer and must not import it: the package root registers it in qwen_fused.bindings
     # before any qwen_fused module can run, and `bindings.require()` above refuses to fuse without it
@@ -155,25 +162,24 @@ def fuse_qkv(model_or_pipeline):
 
 
 def unfuse_qkv(model_or_pipeline):
-    """Exact inverse of `fuse_qkv`: restores `to_q/k/v`, `add_q/k/v_proj` and the stock processor."""
-    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
-
-    model = transformer_of(model_or_pipeline)
+    """Exact inverse of `fuse_qkv`: restores the stock projections and the stock processor of each fused one."""
+    model, family = transformer_and_family(model_or_pipeline)
     if not is_fused(model):
         raise ValueError("this transformer is not fused; nothing to unfuse")
-    attns = _attentions(model)
+    attns = family.attentions(model)
     for name, attn in attns:
-        peft = _peft_layers(attn, list(STREAMS))
+        peft = _peft_layers(attn, list(family.STREAMS))
         if peft:
             raise ValueError(f"{name}.{peft[0]} carries a peft adapter; save it with qwen_fused.save_lora and "
                              f"unload it (transformer.unload_lora()) before unfusing")
+    stock_of = {f: s for s, f in family.processors().items()}
     for _, attn in attns:
         fused = attn.processor
-        for merged_name, names in STREAMS.items():
+        for merged_name, names in family.STREAMS.items():
             parts = dict(zip(names, _split_linear(getattr(attn, merged_name), len(names))))
-            _set_modules(attn, drop={merged_name}, add={n: parts[n] for n in STOCK_ORDER[merged_name]},
+            _set_modules(attn, drop={merged_name}, add={n: parts[n] for n in family.STOCK_ORDER[merged_name]},
                          anchor=merged_name)
-        proc = QwenDoubleStreamAttnProcessor2_0()
+        proc = stock_of.get(type(fused), family.default_stock_processor())()
         proc._attention_backend = getattr(fused, "_attention_backend", None)
         proc._parallel_config = getattr(fused, "_parallel_config", None)
         attn.set_processor(proc)

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from qwen_fused.kernels.inspect import ARCHS
+from qwen_fused.kernels.inspect import ARCHS, KERNEL_MODULES
 
 ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
@@ -29,10 +29,10 @@ def _python(code: str, timeout: int = 600, folder=None):
 
 def _kernels_shipped() -> set[str]:
     """The launched kernels of every Triton module of the package (by convention named `*_kernel`)."""
-    out = _python("""
-        import triton
-        from qwen_fused.kernels import _triton_block, _triton_qkv
-        print(*sorted(n for m in (_triton_block, _triton_qkv) for n, f in vars(m).items()
+    out = _python(f"""
+        import importlib, triton
+        mods = [importlib.import_module("qwen_fused.kernels." + m) for m in {KERNEL_MODULES!r}]
+        print(*sorted(n for m in mods for n, f in vars(m).items()
                       if isinstance(f, triton.runtime.JITFunction) and n.endswith("_kernel")))
     """, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -45,6 +45,15 @@ def inspected(tmp_path_factory):
     run = subprocess.run([sys.executable, "-m", "qwen_fused.kernels.inspect", "--arch", "all", "--json", str(path)],
                          env=ENV, capture_output=True, text=True, timeout=1800)
     return run, json.loads(path.read_text()) if path.exists() else []
+
+
+def test_every_triton_module_is_inspected():
+    from pathlib import Path
+
+    import qwen_fused.kernels
+
+    found = {p.stem for p in Path(qwen_fused.kernels.__file__).parent.glob("_triton_*.py")} - {"_triton_launch"}
+    assert found == set(KERNEL_MODULES)
 
 
 def test_every_kernel_compiles_for_every_target_without_spills(inspected):
