@@ -12,8 +12,9 @@ def linear_lora_factors(proj: nn.Module):
     parts (None). A peft `lora.Linear` over a Linear matches peft's forward: adapters disabled or merged -> the
     base layer alone; otherwise its active adapters, several of them as one (A concatenated, B scaled by each
     adapter's scale and concatenated, scale 1). None (the caller then runs `proj(x)` itself) for anything
-    this cannot express exactly: hooks on the module (diffusers' layerwise casting or group offloading,
-    accelerate's offload: its weights are right only inside its own forward), dropout > 0, DoRA or other LoRA
+    this cannot express exactly: hooks on the module, its base layer or its LoRA layers (diffusers' layerwise
+    casting or group offloading, accelerate's offload: weights are right only inside their own forward), factors
+    in a dtype the op does not compute in (fp8), dropout > 0, DoRA or other LoRA
     variants, LoRA bias, fan_in_fan_out, A and B of different dtypes, or an unknown wrapper. LoRA weights in
     another dtype than the base (fp32 factors on a bf16 model, as mixed-precision training keeps them) are fine:
     the op computes the LoRA part in the factors' dtype, as peft does, and adds it in fp32.
@@ -38,7 +39,9 @@ def linear_lora_factors(proj: nn.Module):
     for a in active:
         if (not isinstance(proj.lora_dropout[a], nn.Identity) or a in getattr(proj, "lora_variant", {})
                 or proj.use_dora.get(a, False) or proj.lora_B[a].bias is not None
-                or proj.lora_A[a].weight.dtype != proj.lora_B[a].weight.dtype):
+                or has_hooks(proj.lora_A[a]) or has_hooks(proj.lora_B[a])
+                or proj.lora_A[a].weight.dtype != proj.lora_B[a].weight.dtype
+                or proj.lora_A[a].weight.dtype not in _KERNEL_DTYPES):
             return None
     if not active:
         return base.weight, base.bias, None, None, 1.0
@@ -50,6 +53,10 @@ def linear_lora_factors(proj: nn.Module):
     lora_a = torch.cat([proj.lora_A[a].weight for a in active])
     lora_b = torch.cat([proj.lora_B[a].weight * proj.scaling[a] for a in active], dim=1)
     return base.weight, base.bias, lora_a, lora_b, 1.0
+
+
+# factor dtypes the op computes in; any other (fp8 stored by layerwise casting, ...) runs the module's own forward
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def has_hooks(module) -> bool:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..fuse import is_fused, transformer_of
-from ..names import STANDARD, STREAMS
+from ..names import STANDARD, STOCK_ORDER, STREAMS
 from .algebra import LoraFactors, block_columns, config_kwargs, convert, to_merged, to_standard
 from .formats import parse_lora, read_lora, write_lora
 
@@ -95,6 +95,9 @@ def load_lora(transformer_or_pipeline, path_or_state_dict, adapter_name="default
     plan_targets(model, parsed.modules)  # names and shapes as the file has them, before any conversion
     fused = is_fused(model)
     if fuse:
+        if any(f.magnitude is not None for f in parsed.modules.values()):
+            raise ValueError("a DoRA adapter cannot be added into the base weights by load_lora(fuse=True); load it "
+                             "as an adapter and call transformer.fuse_lora() (peft's DoRA merge)")
         modules = to_standard(parsed.modules) if not fused else parsed.modules
         plan = plan_targets(model, modules)
         with torch.no_grad():
@@ -125,9 +128,12 @@ def peft_adapter(modules, base_config=None):
         state_dict[f"{name}.lora_B.weight"] = f.b
         if f.bias is not None:
             state_dict[f"{name}.lora_B.bias"] = f.bias
+        if f.magnitude is not None:
+            state_dict[f"{name}.lora_magnitude_vector"] = f.magnitude
     config = {k: v for k, v in (base_config or {}).items() if k != "peft_type"}
     config.update(config_kwargs(modules), use_rslora=False, layers_to_transform=None, layers_pattern=None,
-                  exclude_modules=None, lora_bias=any(f.bias is not None for f in modules.values()))
+                  exclude_modules=None, lora_bias=any(f.bias is not None for f in modules.values()),
+                  use_dora=any(f.magnitude is not None for f in modules.values()))
     return state_dict, config
 
 
@@ -155,15 +161,20 @@ def _keep_block_diagonal(layer, adapter_name, cols=None):
 
 
 def _register_mask(layer, adapter_name, cols):
-    """Zero B outside the blocks `cols` (q/k/v part index -> its rank columns), in the weight and its gradient."""
+    """Zero B outside the blocks `cols` (q/k/v part index -> its rank columns), in the weight and its gradient, and
+    a LoRA bias (lora_bias) on the rows of parts without a LoRA: stock has no LoRA there at all."""
     b = layer.lora_B[adapter_name].weight
     n = b.shape[0] // 3
     mask = torch.zeros(b.shape, dtype=torch.float32)
     for i, c in cols.items():
         mask[i * n:(i + 1) * n, c.cpu()] = 1
-    with torch.no_grad():
-        b.mul_(mask.to(b.device, b.dtype))
-    b.register_hook(lambda g: g * mask.to(g.device, g.dtype))
+    params = [(b, mask)]
+    if layer.lora_B[adapter_name].bias is not None:
+        params.append((layer.lora_B[adapter_name].bias, mask.amax(1)))  # the rows of parts with a LoRA
+    for p, m in params:
+        with torch.no_grad():
+            p.mul_(m.to(p.device, p.dtype))
+        p.register_hook(lambda g, m=m: g * m.to(g.device, g.dtype))
     layer._qwen_fused_block_mask = getattr(layer, "_qwen_fused_block_mask", {}) | {adapter_name: mask}
 
 
@@ -180,34 +191,20 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
 
     On a fused model, q/k/v projections the config would target on the stock model become the merged
     projection with rank r_q + r_k + r_v, scale alpha/r, and a block-diagonal B whose off-diagonal blocks stay
-    zero: the same model as stock peft, trained the same way (one warning line says so). Other targets are
-    unchanged. Unfused models get `add_adapter(config)` as is. Returns the transformer.
+    zero: the same model as stock peft, trained the same way (one warning line says so). Every factor (and a DoRA
+    magnitude) is initialised to the numbers stock peft gives its stock module from the same random state
+    (`_init_as_stock`); inits that need more than the module itself raise. Other targets are unchanged. Unfused
+    models get `add_adapter(config)` as is. Returns the transformer.
     """
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from peft.utils.other import get_pattern_key
-
     model = transformer_of(transformer_or_pipeline)
     if adapter_name in getattr(model, "peft_config", {}):
         raise ValueError(f"adapter name {adapter_name!r} already exists on this transformer")
     if not is_fused(model) or isinstance(config.target_modules, str) and config.target_modules == "all-linear":
         _peft_add_adapter(model, config, adapter_name)
         return model
-    # the names the stock model would have: every Linear, merged projections shown as their q/k/v parts
-    stock_names = []
-    for name, mod in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in STREAMS:
-            stock_names += [f"{name[:-len(leaf)]}{s}" for s in STREAMS[leaf]]
-        elif (isinstance(getattr(mod, "base_layer", mod), nn.Linear) and ".base_layer" not in name
-              and ".lora_" not in name):
-            stock_names.append(name)
     groups, targets, mapped = collections.defaultdict(dict), {}, set()
-    for name in stock_names:
-        if not check_target_module_exists(config, name):
-            continue
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+    stock_order = stock_targets(model, config)
+    for name, (r, alpha) in stock_order.items():
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         attn, _, leaf = name.rpartition(".")
         if leaf in STANDARD:
@@ -219,9 +216,16 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
     if not mapped:
         _peft_add_adapter(model, config, adapter_name)
         return model
-    if config.init_lora_weights not in (True, False, "gaussian"):
-        raise ValueError(f"init_lora_weights={config.init_lora_weights!r} changes base weights and cannot be "
-                         f"mapped onto merged q/k/v projections; use the default initialisation")
+    partial = sorted(n for n, parts in groups.items() if len(parts) != 3)
+    if config.use_dora and partial:
+        raise ValueError(f"DoRA on only some q/k/v parts of {', '.join(partial[:4])} is not one merged DoRA layer; "
+                         f"target all three parts of each projection, or add it on the unfused model")
+    init = config.init_lora_weights
+    if isinstance(init, str) and init.lower().startswith(_WHOLE_MODULE_INITS):
+        raise ValueError(f"init_lora_weights={init!r} cannot be built per q/k/v part of a merged projection (it "
+                         f"needs statistics peft gathers per stock module, or a LoRA variant keyed on the init); "
+                         f"initialise on the unfused model, or use True, False, 'gaussian', 'pissa', 'olora' or "
+                         f"'orthogonal'")
     blocks = {}
     for name, parts in groups.items():
         scales = {s for _, s in parts.values()}
@@ -235,23 +239,103 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
     warnings.warn(f"qwen_fused: LoRA targets {', '.join(sorted(mapped))} mapped to the merged "
                   f"{'/'.join(sorted({STANDARD[m][0] for m in mapped}))} of this fused model (block-diagonal, "
                   f"same model as stock)", stacklevel=2)
-    kwargs = config_kwargs(targets)
-    config = dataclasses.replace(config, **kwargs, layers_to_transform=None, layers_pattern=None,
-                                 exclude_modules=None)
-    _peft_add_adapter(model, config, adapter_name)
+    # peft builds the merged layers without drawing anything that matters (init False: no base weight changes);
+    # then every stock module's factors are drawn as stock peft draws them, in its order, from the same stream
+    rng = torch.get_rng_state()
+    merged_config = dataclasses.replace(config, **config_kwargs(targets), layers_to_transform=None,
+                                        layers_pattern=None, exclude_modules=None, init_lora_weights=False)
+    _peft_add_adapter(model, merged_config, adapter_name)
+    model.peft_config[adapter_name].init_lora_weights = init
+    columns = {}  # stock q/k/v part name -> its rank columns of the merged layer
     for name, parts in blocks.items():
-        layer = model.get_submodule(name)
-        assert isinstance(layer, LoraLayer)
-        rank, cols, start = sum(r for _, r in parts), {}, 0
+        attn, _, merged = name.rpartition(".")
+        start, cols = 0, {}
         for i, r in parts:
-            cols[i], start = torch.arange(start, start + r), start + r
-        _register_mask(layer, adapter_name, cols)
-        if config.init_lora_weights == "gaussian":  # peft draws A ~ N(0, 1/rank): each part keeps its own rank's
-            with torch.no_grad():
-                a = layer.lora_A[adapter_name].weight
-                for i, r in parts:
-                    a[cols[i].to(a.device)] *= rank / r
+            cols[i] = torch.arange(start, start + r)
+            columns[f"{attn}.{STREAMS[merged][i]}"], start = slice(start, start + r), start + r
+        _register_mask(model.get_submodule(name), adapter_name, cols)
+    torch.set_rng_state(rng)
+    for name, rank_alpha in stock_order.items():
+        _init_as_stock(model, config, adapter_name, name, rank_alpha, columns)
     return model
+
+
+def stock_linears(model):
+    """The names of the stock model's Linear layers, in its module order: a merged projection stands for its q/k/v
+    parts in diffusers' order."""
+    out = []
+    for name, mod in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in STREAMS:
+            out += [f"{name[:-len(leaf)]}{s}" for s in STOCK_ORDER[leaf]]
+        elif (isinstance(getattr(mod, "base_layer", mod), nn.Linear) and ".base_layer" not in name
+              and ".lora_" not in name):
+            out.append(name)
+    return out
+
+
+def stock_targets(model, config):
+    """{stock module name: (r, lora_alpha)} that peft's `config` selects on the stock model, in the order stock peft
+    creates them."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from peft.utils.other import get_pattern_key
+
+    return {n: (config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), n), config.r),
+                config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), n), config.lora_alpha))
+            for n in stock_linears(model) if check_target_module_exists(config, n)}
+
+
+# peft inits that cannot be made per q/k/v part: EVA, CorDA and LoRA-GA use statistics gathered per stock module
+# name from data; MiCA is a LoRA variant chosen by the init (frozen B)
+_WHOLE_MODULE_INITS = ("eva", "corda", "lora_ga", "mica")
+
+
+def _init_as_stock(model, config, adapter_name, name, rank_alpha, columns):
+    """Initialise stock module `name`'s LoRA factors (a q/k/v part: its rows and rank columns `columns[name]` of the
+    merged layer) to exactly what stock peft gives them."""
+    stock = stock_lora_layer(model, config, adapter_name, name, rank_alpha)
+    layer, rows = _stock_part(model, name)
+    cols = columns.get(name, slice(None))
+    with torch.no_grad():
+        layer.lora_A[adapter_name].weight[cols] = stock.lora_A[adapter_name].weight
+        layer.lora_B[adapter_name].weight[rows, cols] = stock.lora_B[adapter_name].weight
+        if stock.lora_B[adapter_name].bias is not None:
+            layer.lora_B[adapter_name].bias[rows] = stock.lora_B[adapter_name].bias
+        if adapter_name in stock.lora_magnitude_vector:
+            layer.lora_magnitude_vector[adapter_name].weight[rows] = stock.lora_magnitude_vector[adapter_name].weight
+
+
+def _stock_part(model, name):
+    """`(module, rows)`: the module that holds stock module `name`'s weight and its rows there (itself, or a q/k/v
+    part's rows of a fused model's merged projection)."""
+    attn, _, leaf = name.rpartition(".")
+    if leaf in STANDARD and _linear(model, name) is None:
+        merged = f"{attn}.{STANDARD[leaf][0]}"
+        n = _linear(model, merged).out_features // 3
+        i = STANDARD[leaf][1]
+        return model.get_submodule(merged), slice(i * n, (i + 1) * n)
+    return model.get_submodule(name), slice(None)
+
+
+def stock_lora_layer(model, config, adapter_name, name, rank_alpha):
+    """The peft LoRA layer stock peft builds at stock module `name` under `config`, built over that module's own
+    weight (a view of its rows of a merged projection): every init draws what stock draws from the global stream
+    when called in stock order, and sees the part's weight; inits that replace the base weight (PiSSA, OLoRA,
+    LoftQ) write those rows back, and DoRA's magnitude is the part's own."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    mod, rows = _stock_part(model, name)
+    base = getattr(mod, "base_layer", mod)
+    weight = base.weight.data[rows]
+    part = nn.Linear(base.in_features, weight.shape[0], bias=base.bias is not None, device="meta")
+    part.weight = nn.Parameter(weight, requires_grad=False)
+    if base.bias is not None:
+        part.bias = nn.Parameter(base.bias.data[rows], requires_grad=False)
+    r, alpha = rank_alpha
+    stock = LoraLinear(part, adapter_name, config=config, r=r, lora_alpha=alpha, target_name=name)
+    if part.weight.data.data_ptr() != weight.data_ptr():  # the init replaced the base weight
+        weight.copy_(part.weight.data)
+    return stock
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,15 +350,17 @@ def lora_from_model(transformer_or_pipeline, adapter_name="default") -> dict:
     for name, mod in model.named_modules():
         if not isinstance(mod, LoraLayer) or adapter_name not in mod.lora_A:
             continue
-        if mod.use_dora.get(adapter_name) or adapter_name in getattr(mod, "lora_variant", {}):
-            raise ValueError(f"{name}: adapter {adapter_name!r} is a LoRA variant (DoRA, ...); not saved as LoRA")
+        dora = bool(mod.use_dora.get(adapter_name))
+        if adapter_name in getattr(mod, "lora_variant", {}) and not dora:
+            raise ValueError(f"{name}: adapter {adapter_name!r} is a LoRA variant other than DoRA; not saved as LoRA")
         r = mod.r[adapter_name]
         scale = mod.lora_alpha[adapter_name] / (math.sqrt(r) if mod.use_rslora.get(adapter_name) else r)
         bias = getattr(mod.lora_B[adapter_name], "bias", None)
         mask = getattr(mod, "_qwen_fused_block_mask", {}).get(adapter_name)
         cols = None if mask is None else [blk.any(0).nonzero().flatten() for blk in mask.chunk(3)]
+        magnitude = mod.lora_magnitude_vector[adapter_name].weight.detach() if dora else None
         modules[name] = LoraFactors(mod.lora_A[adapter_name].weight.detach(), mod.lora_B[adapter_name].weight.detach(),
-                                    scale * r, None if bias is None else bias.detach(), cols)
+                                    scale * r, None if bias is None else bias.detach(), cols, magnitude)
     if not modules:
         raise ValueError(f"the transformer has no LoRA adapter named {adapter_name!r}")
     return modules
@@ -297,5 +383,6 @@ def save_lora(source, path, *, layout="diffusers", to="standard", adapter_name="
     if to is not None:
         modules = convert(modules, to)
     if dtype is not None:
-        modules = {n: LoraFactors(f.a.to(dtype), f.b.to(dtype), f.alpha) for n, f in modules.items()}
+        modules = {n: dataclasses.replace(f, **{k: getattr(f, k).to(dtype) for k in ("a", "b", "bias", "magnitude")
+                                                 if getattr(f, k) is not None}) for n, f in modules.items()}
     return write_lora(modules, path, layout=layout, overwrite=overwrite)

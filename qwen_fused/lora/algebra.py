@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..names import STANDARD, STREAMS
+from ..names import STANDARD, STOCK_ORDER, STREAMS
 
 
 @dataclass
@@ -27,7 +27,8 @@ class LoraFactors:
 
     `bias` `[out]` is peft's `lora_B.bias` (lora_bias=True: `delta b = scale * bias`). `cols`, for a merged
     q/k/v LoRA whose B is kept block-diagonal, holds each part's rank columns, so saving it in the standard layout
-    gives back each part's own factors even where B is still all zero.
+    gives back each part's own factors even where B is still all zero. `magnitude` `[out]` is DoRA's (peft's
+    `lora_magnitude_vector`): per output row of `W + scale * b @ a`, so q/k/v parts stack by rows like B.
     """
 
     a: torch.Tensor
@@ -35,6 +36,7 @@ class LoraFactors:
     alpha: float | None = None  # None: alpha = rank (scale 1)
     bias: torch.Tensor | None = None
     cols: list | None = None
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -62,8 +64,6 @@ def rank_and_scale(cfg: dict, name: str, rank=None):
 def apply_config(modules, cfg: dict, only_missing=False):
     """Set each module's alpha to what LoraConfig kwargs `cfg` give it (alpha = scale * rank, plain alpha/r
     semantics), checking the ranks against the tensors."""
-    if cfg.get("use_dora"):
-        raise ValueError("this LoRA is a DoRA adapter (use_dora in its config); DoRA is not supported")
     for name, f in modules.items():
         if only_missing and f.alpha is not None:
             continue
@@ -101,28 +101,67 @@ def _merge_parts(name, parts):
                              f"{parts[i].a.shape[1]} vs {c}); not one attention's projections")
     dtype = first.b.dtype
     for i in order:
-        dtype = torch.promote_types(dtype, torch.promote_types(parts[i].a.dtype, parts[i].b.dtype))
+        dtype = _promote(dtype, _promote(parts[i].a.dtype, parts[i].b.dtype))
     scales = [parts[i].scale for i in order]
     same_scale = all(s == scales[0] for s in scales)
     no_alpha = all(parts[i].alpha is None for i in order)
-    same_a = all(parts[i].a.shape == first.a.shape and torch.equal(parts[i].a, first.a) for i in order)
+    same_a = all(_same(parts[i].a, first.a) for i in order)
     a = first.a.to(dtype) if same_a else torch.cat([parts[i].a.to(dtype) for i in order])
-    b = torch.zeros(3 * n, a.shape[0], dtype=dtype, device=first.b.device)
+    # different scales are folded into B: in at least fp32, so that no narrow dtype rounds the scaled factors
+    b_dtype = dtype if same_scale else _promote(dtype, torch.float32)
+    b = torch.zeros(3 * n, a.shape[0], dtype=b_dtype, device=first.b.device)
     has_bias = any(parts[i].bias is not None for i in order)
-    bias = torch.zeros(3 * n, dtype=dtype, device=first.b.device) if has_bias else None
+    bias = torch.zeros(3 * n, dtype=b_dtype, device=first.b.device) if has_bias else None
     col, blocks = 0, [torch.arange(0)] * 3
     for i in order:
         r = parts[i].rank
         cols = slice(0, r) if same_a else slice(col, col + r)
         scale = 1.0 if same_scale else parts[i].scale  # folded into B (and the bias) when the scales differ
-        b[i * n:(i + 1) * n, cols] = parts[i].b.to(dtype) * scale
+        b[i * n:(i + 1) * n, cols] = _scaled(parts[i].b, scale, b_dtype)
         if parts[i].bias is not None:
-            bias[i * n:(i + 1) * n] = parts[i].bias.to(dtype) * scale
+            bias[i * n:(i + 1) * n] = _scaled(parts[i].bias, scale, b_dtype)
         blocks[i] = torch.arange(col, col + r)
         col += r
     rank = a.shape[0]
     alpha = None if no_alpha else (scales[0] * rank if same_scale else float(rank))
-    return LoraFactors(a, b, alpha, bias, None if same_a else blocks)
+    return LoraFactors(a, b, alpha, bias, None if same_a else blocks, _merged_magnitude(name, parts))
+
+
+def _merged_magnitude(name, parts):
+    """DoRA's magnitude of the merged projection: the parts' rows stacked (each row's norm involves only its own
+    part of a block-diagonal B). A part without DoRA would need its rows' weight norms, which need the model."""
+    have = [i for i in sorted(parts) if parts[i].magnitude is not None]
+    if not have:
+        return None
+    if len(have) != 3:
+        raise ValueError(f"{name}: DoRA on only some of its q/k/v parts ({len(have)} of 3) is not one merged DoRA "
+                         f"layer; target all three parts, or load it onto the unfused model")
+    return torch.cat([parts[i].magnitude for i in range(3)])
+
+
+# LoRA factors come in any dtype a model stores them in, fp8 included (diffusers' layerwise casting), where the CPU
+# has no arithmetic or comparison: compare bits, and test or scale in a wide dtype, rounding once to the result's
+
+def _same(a, b):
+    """Bit-identical tensors (same shape and dtype)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(ints[a.element_size()]),
+                                                                      b.view(ints[b.element_size()]))
+
+
+def _wide(t):
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
+def _promote(a, b):
+    try:
+        return torch.promote_types(a, b)
+    except RuntimeError:  # float8 types promote with nothing but themselves
+        return torch.float32
+
+
+def _scaled(t, scale, dtype):
+    return t.to(dtype) if scale == 1 else (_wide(t) * scale).to(dtype)
 
 
 def to_standard(modules: dict) -> dict:
@@ -138,15 +177,17 @@ def to_standard(modules: dict) -> dict:
         n = f.b.shape[0] // 3
         blocks = [f.b[i * n:(i + 1) * n] for i in range(3)]
         biases = [None if f.bias is None else f.bias[i * n:(i + 1) * n] for i in range(3)]
+        mags = [None if f.magnitude is None else f.magnitude[i * n:(i + 1) * n] for i in range(3)]
         cols = f.cols if f.cols is not None and _only_in(f.b, f.cols) else block_columns(f.b)
         prefix = f"{attn}." if attn else ""
-        for i, std in enumerate(STREAMS[leaf]):
+        for std in STOCK_ORDER[leaf]:  # the parts in diffusers' module order, as a stock model's state dict has them
+            i = STANDARD[std][1]
             if cols is None:
-                out[prefix + std] = LoraFactors(f.a, blocks[i], f.alpha, biases[i])
+                out[prefix + std] = LoraFactors(f.a, blocks[i], f.alpha, biases[i], magnitude=mags[i])
             elif len(cols[i]):
                 r, c = len(cols[i]), cols[i].to(f.a.device)
                 out[prefix + std] = LoraFactors(f.a[c], blocks[i][:, c], None if f.alpha is None else f.scale * r,
-                                                biases[i])
+                                                biases[i], magnitude=mags[i])
     return out
 
 
@@ -156,7 +197,7 @@ def _only_in(b, cols):
     outside = torch.ones(b.shape, dtype=torch.bool, device=b.device)
     for i, c in enumerate(cols):
         outside[i * n:(i + 1) * n, c.to(b.device)] = False
-    return not bool(b[outside].any())
+    return not bool(_wide(b)[outside].any())
 
 
 def block_columns(b):
@@ -167,7 +208,7 @@ def block_columns(b):
     so a stock q/k/v LoRA comes back with its own rank. An all-zero B (fresh init) is not block-diagonal.
     """
     n = b.shape[0] // 3
-    used = torch.stack([(b[i * n:(i + 1) * n] != 0).any(0) for i in range(3)])  # [3, R]
+    used = torch.stack([(_wide(b[i * n:(i + 1) * n]) != 0).any(0) for i in range(3)])  # [3, R]
     if not used.any() or bool((used.sum(0) > 1).any()):
         return None
     free = ~used.any(0)

@@ -7,13 +7,14 @@ in the standard layout that stock tools read.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
+import types
 
 import torch
 
-from ..names import STANDARD, STREAMS
-from .adapters import add_lora, inject_adapter, lora_from_model, peft_adapter, plan_targets
+from ..names import STANDARD, STOCK_ORDER, STREAMS
+from .adapters import (add_lora, inject_adapter, lora_from_model, peft_adapter, plan_targets, stock_linears,
+                       stock_lora_layer, stock_targets)
 from .algebra import apply_config, to_merged, to_standard
 from .formats import parse_lora
 
@@ -27,13 +28,14 @@ def fused_load_lora_adapter(model, pretrained_model_name_or_path_or_dict, prefix
     """diffusers' `load_lora_adapter` on a fused model (also what `pipe.load_lora_weights` calls).
 
     A LoRA with standard q/k/v targets is built into the peft config diffusers would build on the stock model,
-    then converted exactly to the merged projections (block-diagonal B, kept so while training) and loaded
-    through diffusers' own loader. Anything it cannot express raises (DoRA, LoKr, unknown keys); nothing is
-    dropped. Without q/k/v targets this is diffusers' loader unchanged.
+    completed as stock peft completes it (`_as_stock_loads`: keys it does not load and factors the file lacks, with
+    stock's warning), converted exactly to the merged projections (block-diagonal B, kept so while training; DoRA
+    magnitudes stacked by rows) and loaded through diffusers' own loader. Without q/k/v targets this is diffusers'
+    loader unchanged.
     """
     from diffusers.loaders.lora_base import _fetch_state_dict
     from diffusers.utils import convert_unet_state_dict_to_peft
-    from diffusers.utils.peft_utils import _create_lora_config, get_adapter_name
+    from diffusers.utils.peft_utils import _create_lora_config, _maybe_warn_for_unhandled_keys, get_adapter_name
 
     fetch = {k: kwargs.pop(k, None) for k in ("weight_name", "use_safetensors", "local_files_only", "cache_dir",
                                               "proxies", "token", "revision", "subfolder")}
@@ -55,17 +57,98 @@ def fused_load_lora_adapter(model, pretrained_model_name_or_path_or_dict, prefix
                           if k.startswith(f"{prefix}.")}
     if "lora_A" not in next(iter(ours)):
         ours = convert_unet_state_dict_to_peft(ours)
-    ranks = {f"^{k}": v.shape[1] for k, v in ours.items() if "lora_B" in k and v.ndim > 1}
-    # the config stock diffusers builds for this LoRA: every module's rank and scale come from it
-    config = _create_lora_config(ours, network_alphas, metadata, ranks).to_dict()
-    modules = apply_config(parse_lora(ours, model=model).modules, config)
-    merged = to_merged(modules)
-    plan_targets(model, merged)
     adapter_name = kwargs.pop("adapter_name", None) or get_adapter_name(model)
     if adapter_name in getattr(model, "peft_config", {}) and not hotswap:
         raise ValueError(f"Adapter name {adapter_name} already in use in the model - please select a new adapter "
                          f"name.")
-    inject_adapter(model, merged, adapter_name, base_config=config, hotswap=hotswap, **kwargs)
+    ranks = {f"^{k}": v.shape[1] for k, v in ours.items() if "lora_B" in k and v.ndim > 1}
+    # the config stock diffusers builds for this LoRA: every module's rank and scale come from it
+    lora_config = _create_lora_config(ours, network_alphas, metadata, ranks)
+    config = lora_config.to_dict()
+    ours, incompatible = _as_stock_loads(model, ours, lora_config, adapter_name,
+                                         draw=not (hotswap or kwargs.get("low_cpu_mem_usage")))
+    modules = apply_config(parse_lora(ours, model=model).modules, config)
+    merged = to_merged(modules)
+    plan_targets(model, merged)
+    if hotswap and adapter_name in getattr(model, "peft_config", {}):
+        _prepare_hotswap(model, adapter_name, lora_config, merged, config)
+    prepared = getattr(model, "_prepare_lora_hotswap_kwargs", None)
+    if prepared is not None and not hotswap:
+        # enable_lora_hotswap(target_rank) names a stock module's rank; a merged projection holds its q/k/v
+        # parts side by side (rank r_q + r_k + r_v), so every layer is padded to three times it (zeros: exact)
+        model._prepare_lora_hotswap_kwargs = {**prepared, "target_rank": 3 * prepared["target_rank"]}
+    with torch.random.fork_rng(devices=[]):  # the stock stream is drawn already: the merged layers draw nothing
+        inject_adapter(model, merged, adapter_name, base_config=config, hotswap=hotswap, **kwargs)
+    model.__dict__.setdefault("_qwen_fused_stock_lora_configs", {})[adapter_name] = lora_config
+    _maybe_warn_for_unhandled_keys(incompatible, adapter_name)
+
+
+def _prepare_hotswap(model, adapter_name, stock_config, merged, config):
+    """peft refuses to hotswap a LoRA whose config is not compatible with the loaded one's: check that on the configs
+    stock diffusers builds for both. The merged layers' own configs carry each module's exact scale in alpha_pattern,
+    which hotswapping swaps with the weights, so the loaded one takes the new one's."""
+    from peft.utils.hotswap import check_hotswap_configs_compatible
+
+    first = getattr(model, "_qwen_fused_stock_lora_configs", {}).get(adapter_name)
+    if first is not None:
+        check_hotswap_configs_compatible(first, stock_config)
+    model.peft_config[adapter_name].alpha_pattern = peft_adapter(merged, config)[1]["alpha_pattern"]
+
+
+# file key suffix -> the parameter peft loads it into (`{}`: the adapter name); any other key it reports unexpected
+_LOADED = {"lora_A.weight": "lora_A.{}.weight", "lora_B.weight": "lora_B.{}.weight", "lora_B.bias": "lora_B.{}.bias",
+           "lora_magnitude_vector": "lora_magnitude_vector.{}.weight"}
+
+
+def _as_stock_loads(model, state_dict, config, adapter_name, draw=True):
+    """`(state dict, incompatible keys)`: what stock diffusers + peft load from `state_dict` (peft layout, standard
+    names) on the stock model. Keys peft would not load (unknown kinds, modules the model lacks) are dropped (stock
+    warns about them). Stock peft first builds and initialises every layer the config targets (`draw`; not when
+    hotswapping or with low_cpu_mem_usage, where it builds on the meta device): that is done here in stock order,
+    so the random stream advances as stock's, inits that change base weights (PiSSA, ...) change them as on stock,
+    and factors the file lacks keep the values stock gives them (stock warns about them as missing keys, with its
+    parameter names)."""
+    modules = set(stock_linears(model))
+    unexpected = [k for k in state_dict if not any(k.endswith(f".{p}") and k[:-len(p) - 1] in modules
+                                                   for p in _LOADED)]
+    state_dict = {k: v for k, v in state_dict.items() if k not in unexpected}
+    params = ["lora_A.weight", "lora_B.weight"] + ["lora_B.bias"] * bool(config.lora_bias) + \
+        ["lora_magnitude_vector"] * bool(config.use_dora)
+    targets = stock_targets(model, config)
+    missing = [(n, p) for n in targets for p in params if f"{n}.{p}" not in state_dict]
+    if missing and not draw:
+        raise ValueError(f"this LoRA lacks {len(missing)} factors ({', '.join(f'{n}.{p}' for n, p in missing[:4])}"
+                         f"); stock peft would leave them uninitialised on the meta device here (hotswap or "
+                         f"low_cpu_mem_usage): load it without either")
+    for name, rank_alpha in targets.items() if draw else ():
+        stock = stock_lora_layer(model, config, adapter_name, name, rank_alpha)
+        for p in params:
+            state_dict.setdefault(f"{name}.{p}", stock.get_parameter(_LOADED[p].format(adapter_name)).detach())
+    missing_keys = [f"{n}.{_LOADED[p].format(adapter_name)}" for n, p in missing]
+    return state_dict, types.SimpleNamespace(
+        missing_keys=missing_keys, unexpected_keys=_in_stock_order(model, unexpected, targets) if unexpected else [])
+
+
+def _in_stock_order(model, keys, targets):
+    """`keys` in the order torch's `load_state_dict` reports them unexpected on the stock peft model: by the module
+    (in module order) below which the key names nothing, then as given."""
+    order = []
+    for name, _ in model.named_modules():
+        if ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name:
+            continue  # this model's own peft layers: the stock model's are listed below with their targets
+        leaf = name.rsplit(".", 1)[-1]
+        for n in [f"{name[:-len(leaf)]}{s}" for s in STOCK_ORDER[leaf]] if leaf in STREAMS else [name]:
+            order.append(n)
+            if n in targets:  # a peft LoRA layer's children, in the order it registers them
+                order += [f"{n}.{c}" for c in ("base_layer", "lora_dropout", "lora_A", "lora_B",
+                                               "lora_magnitude_vector")]
+    index = {n: i for i, n in enumerate(order)}
+
+    def owner(key):
+        parts = key.split(".")
+        return next(index[p] for p in (".".join(parts[:n]) for n in range(len(parts) - 1, -1, -1)) if p in index)
+
+    return sorted(keys, key=owner)
 
 
 def fused_save_lora_adapter(model, save_directory, adapter_name="default", upcast_before_saving=False,
@@ -80,14 +163,12 @@ def fused_save_lora_adapter(model, save_directory, adapter_name="default", upcas
         adapter_name = get_adapter_name(model)
     if adapter_name not in getattr(model, "peft_config", {}):
         raise ValueError(f"Adapter name {adapter_name} not found in the model.")
+    if upcast_before_saving:  # as stock diffusers: the model itself is cast to fp32 (`self.to(dtype=torch.float32)`)
+        model.to(dtype=torch.float32)
     modules = lora_from_model(model, adapter_name)
     if not _has_leaf(modules, STREAMS):
         return type(model).save_lora_adapter(model, save_directory, adapter_name, upcast_before_saving,
                                              safe_serialization, weight_name)
-    if upcast_before_saving:
-        modules = {n: dataclasses.replace(f, a=f.a.float(), b=f.b.float(),
-                                          bias=None if f.bias is None else f.bias.float())
-                   for n, f in modules.items()}
     state_dict, config = peft_adapter(to_standard(modules), model.peft_config[adapter_name].to_dict())
     # own contiguous tensors: the q/k/v parts are views of one merged B, which safetensors refuses
     state_dict = {k: v.clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()}
@@ -121,8 +202,11 @@ def wrap_pipeline_lora_saving():
         bound = signature.bind(cls, *args, **kwargs)
         layers = bound.arguments.get("transformer_lora_layers")
         if isinstance(layers, dict) and _has_leaf(layers, STREAMS):
-            layers, config = standard_lora_layers(layers, bound.arguments.get("transformer_lora_adapter_metadata"))
-            bound.arguments.update(transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
+            metadata = bound.arguments.get("transformer_lora_adapter_metadata")
+            layers, config = standard_lora_layers(layers, metadata)
+            bound.arguments["transformer_lora_layers"] = layers
+            if metadata is not None:  # as stock: no metadata given, none written (and pickle files take none)
+                bound.arguments["transformer_lora_adapter_metadata"] = config
         return func(*bound.args, **bound.kwargs)
 
     save_lora_weights._qwen_fused = True

@@ -8,9 +8,10 @@ Layouts read (detected from the keys, one per file):
   lightning   transformer_blocks.0.attn.to_q.lora_down.weight / .lora_up.weight / .alpha
 each with standard (to_q, to_k, to_v, add_*_proj) or merged (to_qkv, add_qkv_proj) targets.
 
-Every key must be understood: unknown keys, LoRA variants that cannot be loaded exactly (DoRA, LoKr, LoHa, full
-differences), mixed layouts, incomplete pairs and bad shapes raise. (diffusers' own
-`_convert_non_diffusers_qwen_lora_to_diffusers` is not used for this: it folds alpha into the factors, so they
+Every key must be understood: unknown keys, LoRA variants that cannot be loaded exactly (kohya's `dora_scale`,
+LoKr, LoHa, full differences; peft's DoRA `lora_magnitude_vector` loads), mixed layouts, incomplete pairs and bad
+shapes raise (this is `qwen_fused.load_lora`'s contract; diffusers' API on a fused model does what stock does with
+such keys: qwen_fused/lora/diffusers_api.py). (diffusers' own `_convert_non_diffusers_qwen_lora_to_diffusers` is not used for this: it folds alpha into the factors, so they
 no longer round-trip exactly, and it does not check that kohya names exist, nor detect mixed layouts, nor know
 the merged `to_qkv` / `add_qkv_proj` targets or `lora_B.bias`.)
 """
@@ -43,9 +44,8 @@ _LAYOUT_KEYS = {
 }
 _PREFIXES = ("lora_unet_", "transformer.", "diffusion_model.", "base_model.model.", "")
 _KEY = re.compile(r"^(?P<module>.+?)\.(?:(?P<ab>lora_A|lora_B|lora_down|lora_up)(?P<infix>\.default)?\."
-                  r"(?P<param>weight|bias)|(?P<alpha>alpha))$")
-_UNSUPPORTED = {"dora_scale": "DoRA magnitude (DoRA is not supported)",
-                "lora_magnitude_vector": "DoRA magnitude (DoRA is not supported)",
+                  r"(?P<param>weight|bias)|(?P<alpha>alpha)|(?P<magnitude>lora_magnitude_vector))$")
+_UNSUPPORTED = {"dora_scale": "kohya-style DoRA scale (DoRA loads in peft's lora_magnitude_vector layout)",
                 ".diff_b": "full bias difference", ".diff": "full weight difference",
                 "lora_A.bias": "bias on LoRA A (not a LoRA)", "lora_down.bias": "bias on LoRA A (not a LoRA)",
                 "lokr_": "LoKr factor",
@@ -156,7 +156,8 @@ def _split_key(key):
         return None
     prefix = next(p for p in _PREFIXES if m.group("module").startswith(p))
     ab = m.group("ab")
-    kind = "alpha" if m.group("alpha") else ("A" if ab in ("lora_A", "lora_down") else "B")
+    kind = ("alpha" if m.group("alpha") else "magnitude" if m.group("magnitude")
+            else "A" if ab in ("lora_A", "lora_down") else "B")
     if m.group("param") == "bias":
         if kind == "A":
             return None
@@ -197,7 +198,8 @@ def parse_lora(state_dict, metadata=None, model=None) -> ParsedLora:
     for key, tensor in state_dict.items():
         split = _split_key(key)
         if split is None:
-            why = next((v for k, v in _UNSUPPORTED.items() if k in key), None)
+            # `.diff` / `.diff_b` end a key (kohya's full differences), so `.diffusers_cat` is merely unknown
+            why = next((v for k, v in _UNSUPPORTED.items() if (key.endswith(k) if k[0] == "." else k in key)), None)
             (unsupported if why else unknown).append(f"{key} ({why})" if why else key)
             continue
         prefix, module, kind, style, infix = split
@@ -242,7 +244,11 @@ def parse_lora(state_dict, metadata=None, model=None) -> ParsedLora:
         bias = kinds["bias"][1] if "bias" in kinds else None
         if bias is not None and tuple(bias.shape) != (b.shape[0],):
             raise ValueError(f"{module}: LoRA bias {tuple(bias.shape)} does not fit B {tuple(b.shape)}")
-        modules[module] = LoraFactors(a, b, None if alpha is None else float(alpha.item()), bias)
+        magnitude = kinds["magnitude"][1] if "magnitude" in kinds else None
+        if magnitude is not None and tuple(magnitude.shape) != (b.shape[0],):
+            raise ValueError(f"{module}: DoRA magnitude {tuple(magnitude.shape)} does not fit B {tuple(b.shape)}")
+        modules[module] = LoraFactors(a, b, None if alpha is None else float(alpha.item()), bias,
+                                      magnitude=magnitude)
     if incomplete:
         raise ValueError("LoRA modules with a missing A or B weight: " + ", ".join(incomplete))
     _alphas_from_metadata(metadata, modules)
@@ -276,6 +282,11 @@ def _emit(modules, layout, with_alpha):
                 raise ValueError(f"{name}: a LoRA bias (lora_bias=True) has no key in the {layout} layout; "
                                  f"save it in the diffusers or peft layout")
             out[f"{base}.{b_name}{infix}.bias"] = f.bias.contiguous()
+        if f.magnitude is not None:
+            if style != "lora_A" or infix:
+                raise ValueError(f"{name}: a DoRA magnitude has no key in the {layout} layout; save it in the "
+                                 f"diffusers or peft layout")
+            out[f"{base}.lora_magnitude_vector"] = f.magnitude.contiguous()
         if with_alpha:
             alpha = float(f.rank) if f.alpha is None else f.alpha
             out[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
@@ -306,6 +317,8 @@ def write_lora(modules, path, layout="diffusers", overwrite=False):
     cfg = config_kwargs(modules)
     if any(f.bias is not None for f in modules.values()):
         cfg["lora_bias"] = True
+    if any(f.magnitude is not None for f in modules.values()):
+        cfg["use_dora"] = True
     meta = {"format": "pt", "layout": layout, "form": _form(modules), "rank": str(cfg["r"]),
             "alpha": repr(cfg["lora_alpha"]), "num_modules": str(len(modules)),
             "targets": json.dumps(sorted({re.sub(r"^transformer_blocks\.\d+\.", "", n) for n in modules}))}
