@@ -27,11 +27,15 @@ def atomic_output(path, overwrite=False, folder=False):
             raise FileExistsError(f"{path} is a {'folder' if os.path.isdir(path) else 'file'} but the output is a "
                                   f"{'folder' if folder else 'file'}; not replacing one by the other")
     parent = os.path.dirname(os.path.abspath(path))
-    if folder:
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    else:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-        os.close(fd)
+    try:
+        if folder:
+            tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+        else:
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+            os.close(fd)
+    except OSError as e:  # name the output and its folder, not the temporary the user never asked for
+        why = "does not exist" if not os.path.isdir(parent) else f"cannot be written to ({e.strerror})"
+        raise type(e)(f"cannot write {path}: folder {parent} {why}") from None
     try:
         yield tmp
         umask = os.umask(0)

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from .cli_util import HelpFormatter
+from .cli_util import ArgumentParser, HelpFormatter
 
 DESCRIPTION = """\
 Qwen-Image and Qwen-Image-Edit with fused q/k/v attention: the same results as diffusers, faster.
@@ -25,22 +25,27 @@ Qwen-Image and Qwen-Image-Edit with fused q/k/v attention: the same results as d
 SUBCOMMANDS = {
     "check": "qwen_fused.check",
     "convert": "qwen_fused.convert_cli",
-    "train": "qwen_fused.train",
+    "train": "qwen_fused.train_args",  # the options without torch; the run: qwen_fused.train
     "edit": "qwen_fused.edit",
     "bench": "qwen_fused.bench.cli",
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-fused", description=DESCRIPTION, formatter_class=HelpFormatter)
+def build_parser(only=None) -> argparse.ArgumentParser:
+    """The `qwen-fused` parser with every subcommand, or with `only` that one: `qwen-fused train --help` then
+    imports the train module alone, whose options need neither torch nor diffusers (seconds saved)."""
+    parser = ArgumentParser(prog="qwen-fused", description=DESCRIPTION, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
-    for module in SUBCOMMANDS.values():
-        importlib.import_module(module).add_parser(sub)
+    for name, module in SUBCOMMANDS.items():
+        if only in (None, name):
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    only = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    args = build_parser(only).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -3,6 +3,38 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The CLIs' parser (its subcommands' parsers are of this class too). Each flag has one spelling, with
+    underscores as the seed's and diffusers' scripts write them (`--learning_rate`; argparse's own `--no-compile`
+    keeps its dash), and the other spelling is accepted for it (`--learning-rate`, `--no_compile`): argv is
+    rewritten before parsing, since aliases registered with argparse would make every abbreviation ambiguous.
+    Negative numbers in scientific notation are values (`--learning_rate -1e-4` then gets the tool's own range
+    message; argparse would take it for an option and print its usage)."""
+
+    _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self._NEGATIVE_NUMBER  # argparse's own matcher knows no exponents
+
+    def _spelling(self, arg):
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--") or name in self._option_string_actions:
+            return arg
+        for other in ("--" + name[2:].replace("-", "_"), "--" + name[2:].replace("_", "-")):
+            if any(o.startswith(other) for o in self._option_string_actions):  # exact, or an abbreviation
+                return other + eq + value
+        return arg
+
+    def parse_known_args(self, args=None, namespace=None):
+        import sys
+
+        args = list(sys.argv[1:] if args is None else args)
+        end = args.index("--") if "--" in args else len(args)
+        return super().parse_known_args([self._spelling(a) for a in args[:end]] + args[end:], namespace)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -47,13 +47,40 @@ def _ranks(modules):
     return ", ".join(f"rank {r} x{n}" for r, n in sorted(counts.items()))
 
 
+def check_qwen_image_modules(modules):
+    """The check `edit` / `load_lora` make on a model, without one: every LoRA module must be a Linear of a
+    Qwen-Image transformer (a Flux LoRA shares the attention names, not the rest). Names only: the width is not
+    known without the model (tiny and full-size transformers have the same names)."""
+    import re
+
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from .names import STREAMS
+
+    with torch.device("meta"):  # one block: every block has the same module names
+        model = QwenImageTransformer2DModel(num_layers=1, num_attention_heads=1, attention_head_dim=16,
+                                            joint_attention_dim=16, in_channels=16, axes_dims_rope=(4, 6, 6))
+    names = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names |= {f"transformer_blocks.0.attn.{leaf}" for merged, parts in STREAMS.items() for leaf in (merged, *parts)}
+    foreign = [m for m in modules if re.sub(r"^transformer_blocks\.\d+\.", "transformer_blocks.0.", m) not in names]
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:4]) + (", ..." if len(foreign) > 4 else "")
+        raise ValueError(f"this LoRA is not for Qwen-Image: {len(foreign)} of its {len(modules)} modules are not in a "
+                         f"Qwen-Image transformer ({shown})")
+
+
 def convert_lora_file(input_path, output_path, direction, fmt=None, overwrite=False, out=print):
     from .lora import convert, parse_lora, read_lora, write_lora
 
+    if fmt == "kohya" and direction == "to_merged":
+        raise ValueError("--format kohya is the layout of ComfyUI and kohya's tools, which have no to_qkv module: a "
+                         "merged kohya file would load nowhere. Use --direction to_standard --format kohya")
     if os.path.exists(output_path) and not overwrite:
         raise FileExistsError(f"{output_path} exists; pass --overwrite to replace it")
     state_dict, metadata = read_lora(input_path)
     parsed = parse_lora(state_dict, metadata)
+    check_qwen_image_modules(parsed.modules)
     converted = convert(parsed.modules, direction.removeprefix("to_"))
     layout = fmt or "diffusers"
     meta = write_lora(converted, output_path, layout=layout, overwrite=overwrite)
@@ -61,6 +88,9 @@ def convert_lora_file(input_path, output_path, direction, fmt=None, overwrite=Fa
         f"modules ({_ranks(parsed.modules)})")
     out(f"  -> {layout} layout, {meta['form']} q/k/v, {len(converted)} modules ({_ranks(converted)})")
     out(f"wrote {output_path}")
+    if meta["form"] == "merged":  # stock diffusers would load it without a word and without its q/k/v part
+        out("  (merged layout: for qwen_fused.load_lora / qwen-fused edit only; give stock diffusers and ComfyUI "
+            "the standard layout)")
     return meta
 
 
@@ -79,6 +109,6 @@ def run(args) -> int:
               f"{s['tensors_in']} tensors -> {s['tensors_out']}")
         print(f"wrote {s['output']}")
         return 0
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing or read-only output folder, an unreadable input
         print(f"qwen-fused convert: error: {e}", file=sys.stderr)
         return 2

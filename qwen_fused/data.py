@@ -59,6 +59,8 @@ def read_metadata(base_path, metadata_path) -> list[Record]:
     metadata_path = os.fspath(metadata_path)
     if not os.path.isdir(base_path):
         raise DataError(f"dataset base path {base_path} does not exist or is not a folder")
+    if os.path.isdir(metadata_path):
+        raise DataError(f"metadata file {metadata_path} is a folder; pass the .csv, .json or .jsonl file")
     if not os.path.isfile(metadata_path):
         raise DataError(f"metadata file {metadata_path} does not exist")
     name = os.path.basename(metadata_path)

@@ -46,6 +46,20 @@ def make_demo_dataset(folder, n=4, size=(64, 48), edits=1, seed=0):
     return path
 
 
+def demo_output_dir() -> str:
+    """`train --demo`'s default output: one fixed folder in the temp dir that each demo replaces (a new one per
+    run would pile up), unless something there is not a demo's output: then a new folder."""
+    path = os.path.join(tempfile.gettempdir(), "qwen-fused-demo-output")
+    try:
+        with open(os.path.join(path, "run.json")) as f:
+            ours = json.load(f).get("demo") is True
+    except (OSError, ValueError):
+        ours = False
+    if not os.path.exists(path) or ours:
+        return path
+    return tempfile.mkdtemp(prefix="qwen-fused-demo-output-")
+
+
 def train_demo_args(args):
     """Fill in a tiny offline training run: a saved tiny pipeline and synthetic data in a temp folder."""
     from accelerate import PartialState
@@ -59,11 +73,12 @@ def train_demo_args(args):
     # the tiny model and data only feed this run: they go when the main process exits; the output stays
     folders = [None, None]
     if state.is_main_process:
-        folders = [scratch_folder("qwen-fused-demo-"),
-                   args.output_dir or tempfile.mkdtemp(prefix="qwen-fused-demo-output-")]
+        folders = [scratch_folder("qwen-fused-demo-"), args.output_dir or demo_output_dir()]
     if state.num_processes > 1:
         broadcast_object_list(folders)
-    work, args.output_dir = folders
+    work, output_dir = folders
+    if not args.output_dir:  # the demo's own folder, which the next demo replaces
+        args.output_dir, args.overwrite = output_dir, True
     model_path, data_path = os.path.join(work, "model"), os.path.join(work, "data")
     if state.is_main_process:
         if not args.pretrained_model_name_or_path:
@@ -105,7 +120,8 @@ def edit_demo_args(args):
         Image.fromarray((np.random.RandomState(args.seed).rand(48, 64, 3) * 255).astype("uint8")).save(path)
         args.image = [path] * (1 if args.demo_variant == "edit" else 2)
     args.prompt = args.prompt or "make it red"
-    args.output = args.output or os.path.join(tempfile.mkdtemp(prefix="qwen-fused-edit-demo-output-"), "edit.png")
+    if not args.output:  # one fixed file that each demo replaces (a new temp folder per run would pile up)
+        args.output, args.overwrite = os.path.join(tempfile.gettempdir(), "qwen-fused-demo-edit.png"), True
     args.steps = 4 if args.steps == 50 else args.steps
     args.area = args.area or 64 * 64
     args.height, args.width = args.height or 32, args.width or 32

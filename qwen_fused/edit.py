@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 
-from .cli_util import resolve_device
 from .atomic import atomic_output
+from .cli_util import resolve_device
 from .demo import edit_demo_args
-from .pipeline import call_pipeline, compile_blocks, edit_variant, load_pipeline, parse_lora_spec
 
 
 def add_parser(subparsers):
@@ -33,9 +33,11 @@ def add_parser(subparsers):
                         "1024 * 1024)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--output", default=None, help="PNG path (default: edit.png; with --demo a temp file)")
+    p.add_argument("--output", default=None,
+                   help="image path; its extension sets the format (.png, .jpg, .webp, ...). Default: edit.png; with "
+                        "--demo <temp>/qwen-fused-demo-edit.png, replaced by each demo")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.add_argument("--no-fuse", dest="fuse", action="store_false", help="stock diffusers attention")
+    p.add_argument("--no_fuse", dest="fuse", action="store_false", help="stock diffusers attention")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile each transformer block (diffusers' compile_repeated_blocks; the first denoising "
                         "step includes the compile time). Default: on with CUDA, off on a CPU")
@@ -46,10 +48,21 @@ def add_parser(subparsers):
     return p
 
 
+def image_format(path) -> str:
+    """The image format PIL writes for `path`'s extension (a .jpg gets JPEG bytes, not PNG ones)."""
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    formats = Image.registered_extensions()
+    if ext not in formats or formats[ext] not in Image.SAVE:
+        raise ValueError(f"--output {path}: no image format for the extension {ext or '(none)'!r}; use .png, .jpg "
+                         f"or .webp")
+    return formats[ext]
+
+
 def _check_args(args):
     """Every input checked before any model is loaded."""
-    import os
-
+    from .pipeline import check_lora_path, parse_lora_spec  # here, not at import: --help needs no torch
     from .data import open_rgb
 
     if not args.model:
@@ -63,8 +76,8 @@ def _check_args(args):
     images = [open_rgb(p, "--image") for p in args.image]
     loras = [parse_lora_spec(s) for s in args.lora]
     for path, _ in loras:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--lora {path} does not exist")
+        check_lora_path(path, "--lora")
+    image_format(args.output)
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"--output {args.output} exists; pass --overwrite to replace it")
     folder = os.path.dirname(os.path.abspath(args.output))
@@ -77,6 +90,8 @@ def run(args) -> int:
     import sys
 
     import torch
+
+    from .pipeline import call_pipeline, compile_blocks, edit_variant, load_pipeline
 
     if args.demo:
         edit_demo_args(args)
@@ -119,6 +134,6 @@ def run(args) -> int:
                         height=args.height, width=args.width,
                         generator=torch.Generator(device="cpu").manual_seed(args.seed)).images[0]
     with atomic_output(args.output, overwrite=True) as tmp:  # --overwrite was checked before the run
-        out.save(tmp, format="PNG")
+        out.save(tmp, format=image_format(args.output))
     print(f"wrote {args.output} ({out.size[0]}x{out.size[1]}, {'fused' if args.fuse else 'stock'} attention)")
     return 0

@@ -52,6 +52,13 @@ def model_key(args, pipe) -> str:
                       sort_keys=True)
 
 
+def cache_folder(args):
+    """Where `--cache` keeps encoded samples (None: no cache)."""
+    if args.cache is None:
+        return None
+    return args.cache or os.path.join(args.output_dir, "cache")
+
+
 def build_dataset(args, pipe, accelerator, records):
     variant = edit_variant(pipe)
     if variant == "edit" and len(records[0].edit_images) != 1:
@@ -62,7 +69,7 @@ def build_dataset(args, pipe, accelerator, records):
     pipe.text_encoder.to(device)
     pipe.vae.to(device)
     if args.cache is not None:
-        cache = D.EncodedCache(args.cache or os.path.join(args.output_dir, "cache"))
+        cache = D.EncodedCache(cache_folder(args))
         mkey = model_key(args, pipe)
         keys = [D.sample_key(r, p, mkey) for r, p in zip(records, plans)]
         todo = [i for i, k in enumerate(keys) if k not in cache]

@@ -22,6 +22,27 @@ def parse_lora_spec(spec: str, flag: str = "--lora"):
     return spec, 1.0
 
 
+def check_lora_path(path, flag="--lora"):
+    """A PATH of a PATH[:SCALE] option names a LoRA file, or a folder holding exactly one (as `load_lora` reads
+    folders); checked before any model loads."""
+    if os.path.isdir(path):
+        files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+        if len(files) != 1:
+            raise ValueError(f"{flag} {path} is a folder with {len(files)} .safetensors files; pass the LoRA file")
+    elif not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path} does not exist")
+
+
+def check_model_path(path, flag):
+    """A local model folder must be a diffusers pipeline (model_index.json); diffusers' own error for one that is
+    not is an OSError naming the file it did not find."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        what = ("one model of a pipeline (it has a config.json); pass the pipeline folder above it"
+                if os.path.isfile(os.path.join(path, "config.json")) else "not a diffusers pipeline folder")
+        raise ValueError(f"{flag} {path}: no model_index.json, {what}")
+
+
 def edit_variant(pipe) -> str:
     from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 
@@ -44,6 +65,7 @@ def load_pipeline(path, dtype=torch.float32):
     path = os.fspath(path)
     if not os.path.isdir(path) and _looks_local(path):
         raise FileNotFoundError(f"model folder {path} does not exist")
+    check_model_path(path, "model folder")
     from diffusers.utils import deprecation_utils
 
     # diffusers renamed torch_dtype to dtype (0.42: `_resolve_dtype`); older releases know torch_dtype only

@@ -1,29 +1,13 @@
-"""`qwen-fused train` (also `accelerate launch -m qwen_fused.train ...`): LoRA training of Qwen-Image-Edit
-(-2509, -2511) on the fused (merged-QKV) transformer.
-
-The loss is diffusers' Qwen-Image LoRA training loss (examples/dreambooth/train_dreambooth_lora_qwen_image.py):
-timesteps drawn with `compute_density_for_timestep_sampling` and mapped through the scheduler's own
-sigma table (shifted as its config says), `x_t = (1 - sigma) x0 + sigma noise`, target `noise - x0`,
-`compute_loss_weighting_for_sd3` weights; for editing, the clean condition-image latents follow the noisy target
-tokens in the image stream exactly as the edit pipelines pack them (`img_shapes` one `(1, h, w)` per image;
--2511's `zero_cond_t` is applied by the transformer) and the loss covers the target tokens only.
-
-Output folder:
-  checkpoint-<step>.safetensors            LoRA, merged layout (to_qkv / add_qkv_proj; this package)
-  checkpoint-<step>-standard.safetensors   the same LoRA, standard layout (to_q/k/v; diffusers, ComfyUI)
-  checkpoint-final[-standard].safetensors  at the end
-  state/checkpoint-<step>/                 accelerate state (LoRA, optimizer, lr scheduler, RNG) for resuming
-  run.json                                 the arguments of the run that owns the folder
+"""`qwen-fused train` (also `accelerate launch -m qwen_fused.train ...`): the run. Its options, the output folder
+and the loss are described in `train_args.py` (the `--help` text, which imports neither torch nor diffusers).
 
 FSDP for full-size training: see `qwen_fused/fsdp_config.yaml`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -31,104 +15,19 @@ import time
 import torch
 
 from . import data as D
-from .cli_util import HelpFormatter
+from .cli_util import ArgumentParser, HelpFormatter
 from .atomic import atomic_output
 from .demo import train_demo_args
-from .encode import build_dataset
+from .encode import build_dataset, cache_folder
 from .flow import FlowMatching
-from .pipeline import call_pipeline, compile_blocks, edit_variant, load_pipeline, parse_lora_spec
-from .train_lora import DEFAULT_TARGETS, lora_targets, prepare_transformer
-from .train_state import (check_output_dir, first_missing_folder, lora_state, resolve_resume, save_checkpoint,
-                          save_lora_files, set_lora_state)
+from .pipeline import (call_pipeline, check_lora_path, check_model_path, compile_blocks, edit_variant,
+                       load_pipeline, parse_lora_spec)
+from .train_args import DESCRIPTION, add_arguments  # noqa: F401  (add_arguments: this module's API)
+from .train_lora import lora_targets, prepare_transformer
+from .train_state import (check_output_dir, first_missing_folder, lora_state, remove_made_folder, resolve_resume,
+                          save_checkpoint, save_lora_files, set_lora_state)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# arguments
-
-def add_arguments(p: argparse.ArgumentParser):
-    g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", help="diffusers folder or hub id of Qwen-Image-Edit[-2509|-2511]")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="default: accelerate's config (bf16 on CUDA is the usual choice)")
-    g.add_argument("--fp8_base", "--enable_fp8_training", dest="fp8_base", action="store_true",
-                   help="store frozen base linear weights as float8_e4m3fn, upcast per use "
-                        "(diffusers layerwise casting)")
-    g.add_argument("--no_fuse", action="store_true", help="train the stock (unfused) transformer, for comparison")
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset_base_path", help="folder the metadata's image paths are relative to")
-    g.add_argument("--dataset_metadata_path", help="CSV (image, edit_image, prompt) or JSON / JSONL")
-    g.add_argument("--max_pixels", type=int, default=1048576, help="largest image area; sides snapped to 32")
-    g.add_argument("--condition_area", type=int, default=None,
-                   help="-2509/-2511: pixel area of condition images shown to the text encoder (default: the "
-                        "pipeline's own, diffusers' CONDITION_IMAGE_SIZE: 384 * 384)")
-    g.add_argument("--dataset_repeat", type=int, default=1, help="times each sample is used per epoch")
-    g.add_argument("--cache", nargs="?", const="", default=None, metavar="DIR",
-                   help="keep encoded samples (text embeddings, VAE latents) on disk and reuse them while the "
-                        "inputs are unchanged (default folder: <output_dir>/cache)")
-    g.add_argument("--train_batch_size", type=int, default=1, help="per process; batches are bucketed by size")
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora_rank", type=int, default=32, help="rank of the trained LoRA")
-    g.add_argument("--lora_alpha", type=float, default=None, help="default: the rank")
-    g.add_argument("--lora_target_modules", default=DEFAULT_TARGETS,
-                   help="comma-separated module names; to_qkv/add_qkv_proj: one LoRA over the merged projection; "
-                        "to_q,to_k,to_v/add_*_proj: a LoRA each, as stock peft (block-diagonal on to_qkv)")
-    g.add_argument("--lora_fused", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="a pretrained LoRA (e.g. Lightning) merged into the base weights before training; repeatable")
-    g.add_argument("--resume_from_checkpoint", metavar="DIR|latest",
-                   help="a state/checkpoint-N folder, or 'latest' in --output_dir")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (after any warm-up)")
-    g.add_argument("--weight_decay", type=float, default=1e-2, help="AdamW weight decay")
-    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    g.add_argument("--lr_scheduler", default="constant", help="diffusers get_scheduler name")
-    g.add_argument("--lr_warmup_steps", type=int, default=0, help="optimizer steps of learning-rate warm-up")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this; 0: no clipping")
-    g.add_argument("--num_epochs", type=int, default=1, help="passes over the (repeated) dataset")
-    g.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_epochs")
-    g.add_argument("--use_gradient_checkpointing", action="store_true",
-                   help="recompute activations in the backward pass: less memory, slower")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile each transformer block (diffusers' compile_repeated_blocks); the first step "
-                        "then includes the compile time. Default: on with CUDA, off on a CPU")
-    g.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, noise, timesteps and data order")
-    g.add_argument("--weighting_scheme", default="none",
-                   choices=["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"],
-                   help="timestep density and loss weighting (diffusers' training_utils)")
-    g.add_argument("--logit_mean", type=float, default=0.0, help="mean of the logit_normal timestep density")
-    g.add_argument("--logit_std", type=float, default=1.0, help="std of the logit_normal timestep density")
-    g.add_argument("--mode_scale", type=float, default=1.29, help="scale of the mode timestep density")
-    g = p.add_argument_group("output")
-    g.add_argument("--output_dir", help="default with --demo: a new temp folder")
-    g.add_argument("--overwrite", action="store_true", help="allow an output folder that holds another run")
-    g.add_argument("--save_steps", type=int, default=500,
-                   help="save the LoRA files and a resumable state every N optimizer steps")
-    g.add_argument("--no_standard_layout", action="store_true", help="skip the standard-layout LoRA copies")
-    g.add_argument("--report_to", default=None, metavar="TRACKER[,TRACKER]",
-                   help="log to tensorboard, wandb, ... (accelerate's trackers; logs in <output_dir>/logs); the "
-                        "tracker's package must be installed (tensorboard: the train extra)")
-    g.add_argument("--validation_image", action="append", default=[], help="condition image(s) for validation")
-    g.add_argument("--validation_prompt", default=None, help="prompt for --validation_image")
-    g.add_argument("--validation_steps", type=int, default=None, help="default: --save_steps")
-    g.add_argument("--validation_inference_steps", type=int, default=20, help="denoising steps of a validation edit")
-    g.add_argument("--demo", action="store_true",
-                   help="tiny random Qwen-Image-Edit + synthetic data in a temp folder, a few CPU steps, offline "
-                        "(rank, steps, image size and save interval default smaller)")
-    g.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511"],
-                   help="the --demo model: Qwen-Image-Edit, -2509 or -2511")
-    return p
-
-
-def add_parser(subparsers):
-    p = subparsers.add_parser("train", help="LoRA training of Qwen-Image-Edit on the fused transformer",
-                              description=__doc__, formatter_class=HelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=run)
-    return p
 
 
 def check_report_to(spec):
@@ -186,7 +85,8 @@ class StopRequest:
 # validation
 
 def validate(pipe, transformer, args, step, accelerator):
-    """One edit with the model being trained (the run's max_pixels as target area), saved as validation/step-N.png."""
+    """One edit per --validation_prompt with the model being trained (the run's max_pixels as target area), saved
+    as validation/step-N.png (step-N-<i>.png for several prompts) and sent to the trackers. Returns the paths."""
     images = [D.open_rgb(p, "--validation_image") for p in args.validation_image]
     model = accelerator.unwrap_model(transformer)
     was_training = model.training
@@ -195,19 +95,51 @@ def validate(pipe, transformer, args, step, accelerator):
     pipe.text_encoder.to(accelerator.device)
     pipe.vae.to(accelerator.device)
     try:
-        out = call_pipeline(pipe, area=args.max_pixels, image=images[0] if edit_variant(pipe) == "edit" else images,
-                            prompt=args.validation_prompt, num_inference_steps=args.validation_inference_steps,
-                            true_cfg_scale=1.0, generator=torch.Generator().manual_seed(args.seed)).images[0]
+        outs = [call_pipeline(pipe, area=args.max_pixels, image=images[0] if edit_variant(pipe) == "edit" else images,
+                              prompt=prompt, num_inference_steps=args.validation_inference_steps, true_cfg_scale=1.0,
+                              generator=torch.Generator().manual_seed(args.seed)).images[0]
+                for prompt in args.validation_prompt]
     finally:
         pipe.text_encoder.to("cpu")
         pipe.vae.to("cpu")
         model.train(was_training)
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step-{step}.png")
-    with atomic_output(path, overwrite=True) as tmp:
-        out.save(tmp, format="PNG")
-    return path
+    paths = []
+    for i, out in enumerate(outs):
+        paths.append(os.path.join(folder, f"step-{step}.png" if len(outs) == 1 else f"step-{step}-{i}.png"))
+        with atomic_output(paths[-1], overwrite=True) as tmp:
+            out.save(tmp, format="PNG")
+    log_images(accelerator, outs, step)
+    return paths
+
+
+def log_images(accelerator, images, step):
+    """Validation images to the trackers that take images (accelerate's `log_images`: tensorboard, wandb, ...)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if not hasattr(tracker, "log_images"):
+            continue
+        for i, image in enumerate(images):
+            kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+            tracker.log_images({f"validation/{i}": np.asarray(image)[None]}, step=step, **kwargs)
+
+
+def run_summary(args, dataset, steps_per_epoch, max_steps, params, compiled, accelerator) -> str:
+    """What the run is about to do, printed once before the first step (as diffusers' scripts do)."""
+    import collections
+
+    sizes = collections.Counter(f"{t[0]}x{t[1]}" for t, _ in (dataset.bucket(i) for i in range(dataset.n)))
+    trainable = sum(p.numel() for p in params)
+    batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    at = ", ".join(f"{n} at {s}" for s, n in sizes.items())
+    return (f"run: {dataset.n} samples x {args.dataset_repeat} repeat ({at}); "
+            f"{max_steps} steps ({steps_per_epoch} per epoch), batch {batch} "
+            f"({args.train_batch_size} x {args.gradient_accumulation_steps} accumulated x {accelerator.num_processes} "
+            f"processes); LoRA rank {args.lora_rank}, {trainable:,} trainable parameters; "
+            f"{'stock' if args.no_fuse else 'fused'} attention, precision {accelerator.mixed_precision}"
+            f"{', fp8 base' if args.fp8_base else ''}, blocks {'compiled' if compiled else 'not compiled'}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,6 +149,15 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class StoppedBeforeTraining(Exception):
+    """SIGTERM while the run loads or encodes (Ctrl-C is Python's KeyboardInterrupt): stop with one line, and
+    let the clean-up run (the default SIGTERM action would kill the process in the middle of it)."""
+
+
+def _stop_before_training(signum, frame):
+    raise StoppedBeforeTraining(signal.Signals(signum).name)
+
+
 def run(args) -> int:
     if args.demo:
         args = train_demo_args(args)
@@ -224,20 +165,37 @@ def run(args) -> int:
                                         "output_dir") if not getattr(args, flag)]
     made = first_missing_folder(args.output_dir) if args.output_dir else None
     try:
+        old_term = signal.signal(signal.SIGTERM, _stop_before_training)  # training installs its own (StopRequest)
+    except ValueError:  # not the main thread
+        old_term = None
+    started = lambda: bool(args.output_dir) and os.path.exists(os.path.join(args.output_dir, "run.json"))  # noqa: E731
+    code, message = None, None
+    try:
         if missing:
             raise ValueError(f"the following arguments are required: {', '.join(missing)} (or use --demo)")
         return train(args)
     except (D.DataError, NonFiniteLoss, ValueError, FileNotFoundError) as e:
-        print(f"qwen-fused train: error: {e}", file=sys.stderr)
-        return 2
+        code, message = 2, f"qwen-fused train: error: {e}"
+    except (KeyboardInterrupt, StoppedBeforeTraining) as e:
+        name = str(e) if isinstance(e, StoppedBeforeTraining) else "SIGINT"
+        code = 128 + int(signal.Signals[name])
+        message = f"\nqwen-fused train: stopped by {name}{'' if started() else ' before training'}"
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         # a run that stops before it starts training (run.json) removes the folders it made: nothing in them is a
-        # result yet, and a half-made output folder would only be in the way of the next try
-        if made and os.path.isdir(made) and not os.path.exists(os.path.join(args.output_dir, "run.json")):
+        # result yet, and a half-made output folder would only be in the way of the next try. Encoded samples
+        # are kept: they are reusable work (the next run with --cache picks them up)
+        kept = 0
+        if made and os.path.isdir(made) and not started():
             from accelerate import PartialState
 
             if PartialState().is_main_process:  # the one that made them (check_output_dir)
-                shutil.rmtree(made, ignore_errors=True)
+                kept = remove_made_folder(made, keep=cache_folder(args))
+        if message:
+            note = f" ({kept} encoded samples kept in {cache_folder(args)} for the next run)" if kept else ""
+            print(f"{message}{note}", file=sys.stderr)
+    return code
 
 
 def train(args) -> int:
@@ -245,9 +203,15 @@ def train(args) -> int:
     from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
-    for name in ("gradient_accumulation_steps", "train_batch_size", "save_steps", "lora_rank", "max_pixels"):
-        if getattr(args, name) < 1:
+    for name in ("gradient_accumulation_steps", "train_batch_size", "save_steps", "lora_rank", "num_epochs",
+                 "max_train_steps", "dataset_repeat"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # 0 epochs: an untrained "final" LoRA
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.max_pixels < D.MULTIPLE ** 2:  # sides are snapped to 32: anything smaller would train at 32x32
+        raise ValueError(f"--max_pixels {args.max_pixels} is below the smallest training size, {D.MULTIPLE} x "
+                         f"{D.MULTIPLE} = {D.MULTIPLE ** 2} pixels")
+    if not args.learning_rate > 0:
+        raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate:g}")
     if args.condition_area is None:  # imported here, not for --help: the pipeline module imports transformers
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE
 
@@ -257,12 +221,19 @@ def train(args) -> int:
     targets = lora_targets(args.lora_target_modules)
     fused_loras = [parse_lora_spec(s, "--lora_fused") for s in args.lora_fused]
     for path, _ in fused_loras:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--lora_fused {path} does not exist")
+        check_lora_path(path, "--lora_fused")
+    check_model_path(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     for p in args.validation_image:
         D.open_rgb(p, "--validation_image")
     if args.validation_image and not args.validation_prompt:
         raise ValueError("--validation_image needs --validation_prompt")
+    if args.validation_prompt and not args.validation_image:
+        raise ValueError("--validation_prompt needs --validation_image")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
+    args.output_name = args.output_name.removesuffix(".safetensors")
+    if not args.output_name or os.sep in args.output_name or args.output_name.startswith("."):
+        raise ValueError(f"--output_name {args.output_name!r}: a file name, without folders")
     trackers = check_report_to(args.report_to)
 
     accelerator = Accelerator(
@@ -277,6 +248,8 @@ def train(args) -> int:
                          "drop it, or validate the saved LoRA with `qwen-fused edit`")
     check_output_dir(args, accelerator)
     resume = resolve_resume(args)
+    if args.resume_from_checkpoint == "latest" and resume is None:  # as diffusers' scripts do
+        accelerator.print(f"--resume_from_checkpoint latest: no checkpoint in {args.output_dir} yet; a new run")
     set_seed(args.seed, device_specific=True)
     weight_dtype = DTYPES[accelerator.mixed_precision]
 
@@ -332,6 +305,7 @@ def train(args) -> int:
         first_epoch = step // steps_per_epoch
         skip = (step % steps_per_epoch) * args.gradient_accumulation_steps
         accelerator.print(f"resumed from {resume} at step {step}")
+    accelerator.print(run_summary(args, dataset, steps_per_epoch, max_steps, params, compiled, accelerator))
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "run.json"), "w") as f:
             json.dump({k: v for k, v in vars(args).items() if k != "func"}, f, indent=1)
@@ -408,7 +382,7 @@ def train(args) -> int:
         return 128 + stop_signum
     state = lora_state(accelerator.unwrap_model(transformer), with_alpha=True)
     if accelerator.is_main_process:
-        paths = save_lora_files(state, args.output_dir, "checkpoint-final", standard=not args.no_standard_layout)
+        paths = save_lora_files(state, args.output_dir, args.output_name, merged=not args.no_merged_layout)
         print(f"trained {step} steps; LoRA: {', '.join(paths)}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -421,8 +395,7 @@ def _to(batch, device):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="qwen_fused.train", description=__doc__,
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog="qwen_fused.train", description=DESCRIPTION, formatter_class=HelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -2,8 +2,6 @@
 and the peft adapter itself."""
 from __future__ import annotations
 
-import torch
-
 from .names import STREAMS
 
 DEFAULT_TARGETS = "to_qkv,add_qkv_proj,to_out.0,to_add_out,img_mlp.net.2,img_mod.1,txt_mlp.net.2,txt_mod.1"
@@ -56,12 +54,16 @@ def enable_fp8_base(transformer, compute_dtype):
     """Frozen linear weights stored as float8_e4m3fn, upcast to `compute_dtype` around each use: diffusers'
     `enable_layerwise_casting`, as on a stock model (the fused processor runs hooked projections through
     their own forward, so the casting hooks apply to to_qkv / add_qkv_proj as to any Linear)."""
+    import torch
+
     transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
     return transformer
 
 
-def prepare_transformer(pipe, args, targets, fused_loras=(), weight_dtype=torch.float32):
-    """Freeze, fuse (unless --no_fuse), merge --lora_fused LoRAs into the base, fp8 storage, add the LoRA."""
+def prepare_transformer(pipe, args, targets, fused_loras=(), weight_dtype=None):
+    """Freeze, fuse (unless --no_fuse), merge --lora_fused LoRAs into the base, fp8 storage, add the LoRA
+    (`weight_dtype`: the compute dtype of an fp8 base; default float32)."""
+    import torch  # not at import: `qwen-fused train --help` reads DEFAULT_TARGETS from here
     from diffusers.training_utils import cast_training_params
 
     from .fuse import fuse_qkv
@@ -80,5 +82,5 @@ def prepare_transformer(pipe, args, targets, fused_loras=(), weight_dtype=torch.
                       stock_targets(targets) if args.no_fuse else targets)
     cast_training_params(transformer, dtype=torch.float32)  # the LoRA trains in fp32 under any base dtype
     if args.fp8_base:  # after the adapter: diffusers then leaves the LoRA layers out of the fp8 storage
-        enable_fp8_base(transformer, weight_dtype)
+        enable_fp8_base(transformer, weight_dtype or torch.float32)
     return transformer

@@ -25,6 +25,33 @@ def first_missing_folder(path):
     return path
 
 
+def remove_made_folder(made, keep=None) -> int:
+    """Remove the folder `made` (a run made it and stopped before training: nothing in it is a result), except
+    the folder `keep` when it lies inside and holds files (the cache of encoded samples, reusable work).
+    Returns the number of files kept."""
+    made = os.path.abspath(made)
+    keep = os.path.abspath(keep) if keep else None
+    kept = len(os.listdir(keep)) if keep and keep.startswith(made + os.sep) and os.path.isdir(keep) else 0
+    if not kept:
+        shutil.rmtree(made, ignore_errors=True)
+        return 0
+
+    def prune(folder):
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            if path == keep:
+                continue
+            if keep.startswith(path + os.sep):
+                prune(path)
+            elif os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.unlink(path)
+
+    prune(made)
+    return kept
+
+
 def check_output_dir(args, accelerator):
     out = args.output_dir
     if not out:
@@ -60,7 +87,12 @@ def resolve_resume(args):
         steps = sorted(int(d.split("-")[1]) for d in os.listdir(folder)
                        if d.startswith("checkpoint-") and d.split("-")[1].isdigit()) if os.path.isdir(folder) else []
         if not steps:
-            raise ValueError(f"--resume_from_checkpoint latest: no state/checkpoint-N folder in {args.output_dir}")
+            theirs = sorted(f for f in os.listdir(args.output_dir) if f.startswith("checkpoint-")
+                            and f.endswith(".safetensors")) if os.path.isdir(args.output_dir) else []
+            if theirs:  # a new run would overwrite them
+                raise ValueError(f"--resume_from_checkpoint latest: no state/checkpoint-N folder in {args.output_dir}, "
+                                 f"which holds LoRA files ({', '.join(theirs[:3])}); nothing to resume from")
+            return None  # nothing saved yet: a new run, as diffusers' scripts do
         path = os.path.join(folder, f"checkpoint-{steps[-1]}")
     else:
         path = args.resume_from_checkpoint
@@ -138,16 +170,21 @@ def set_lora_state(transformer, state):
         raise ValueError(f"checkpoint LoRA does not fit this model: unexpected keys {unexpected[:5]}")
 
 
-def save_lora_files(state, output_dir, name, standard=True):
-    """`<name>.safetensors` (merged layout) and `<name>-standard.safetensors` from `lora_state(..., with_alpha=True)`,
-    each written atomically (diffusers keys and metadata)."""
+MERGED_SUFFIX = "-merged"  # the merged-layout copy of a LoRA file; the plain name is the standard layout
+
+
+def save_lora_files(state, output_dir, name, merged=True):
+    """`<name>.safetensors` in the standard layout (to_q/k/v: what stock diffusers, ComfyUI and this package all
+    read) and `<name>-merged.safetensors` in the merged layout (to_qkv / add_qkv_proj: this package only; stock
+    diffusers would load it without the q/k/v part, so it never gets the plain name), from
+    `lora_state(..., with_alpha=True)`, each written atomically (diffusers keys and metadata)."""
     from .lora import save_lora
 
     paths = [os.path.join(output_dir, f"{name}.safetensors")]
-    save_lora(state, paths[0], to="merged", overwrite=True)
-    if standard:
-        paths.append(os.path.join(output_dir, f"{name}-standard.safetensors"))
-        save_lora(state, paths[1], to="standard", overwrite=True)
+    save_lora(state, paths[0], to="standard", overwrite=True)
+    if merged:
+        paths.append(os.path.join(output_dir, f"{name}{MERGED_SUFFIX}.safetensors"))
+        save_lora(state, paths[1], to="merged", overwrite=True)
     return paths
 
 
@@ -172,6 +209,22 @@ def save_checkpoint(accelerator, transformer, args, step, epoch, name=None):
             with open(os.path.join(tmp, "train_state.json"), "w") as f:
                 json.dump({"step": step, "epoch": epoch}, f)
     if main:
-        save_lora_files(state, args.output_dir, name, standard=not args.no_standard_layout)
+        save_lora_files(state, args.output_dir, name, merged=not args.no_merged_layout)
+        if args.checkpoints_total_limit:
+            remove_old_checkpoints(args.output_dir, args.checkpoints_total_limit, step)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_old_checkpoints(output_dir, limit, saved):
+    """--checkpoints_total_limit: keep `limit` checkpoints, the one just `saved` (a step number) and the newest
+    others, each its state folder and its LoRA files (the merged copy too, and the `-standard` copy of folders
+    written when the plain name was the merged layout); the final LoRA is not a checkpoint."""
+    folder = os.path.join(output_dir, "state")
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(folder)
+                   if d.startswith("checkpoint-") and d.split("-")[1].isdigit() and int(d.split("-")[1]) != saved)
+    for step in steps[:len(steps) - (limit - 1)]:
+        shutil.rmtree(os.path.join(folder, f"checkpoint-{step}"), ignore_errors=True)
+        for suffix in ("", MERGED_SUFFIX, "-standard"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(output_dir, f"checkpoint-{step}{suffix}.safetensors"))

@@ -57,3 +57,24 @@ def test_drop_in_loads_without_deprecation_warnings(tmp_path):
         warnings.simplefilter("error", FutureWarning)
         pipe = QwenImageEditPipeline.from_pretrained(tmp_path / "tiny", **kwargs)
     assert pipe.transformer.dtype == torch.bfloat16
+
+
+def test_readme_says_which_file_goes_to_which_tool():
+    """Issue 21: the plain-named checkpoint is the standard layout (every tool reads it), the merged copy is marked
+    as this package's only, and the edit example gives `--lora` the plain-named file."""
+    text = README.read_text()
+    training = text.split("\n## Training\n", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in training.splitlines() if line.startswith("| `")}
+    plain = next(v for k, v in rows.items() if "`checkpoint-final.safetensors`" in k)
+    merged = next(v for k, v in rows.items() if "`checkpoint-final-merged.safetensors`" in k)
+    assert "standard" in plain and "stock diffusers" in plain and "ComfyUI" in plain, plain
+    assert "merged" in merged and "this package only" in merged, merged
+    editing = text.split("\n## Editing\n", 1)[1].split("\n## ", 1)[0]
+    lora = re.search(r"--lora (\S+)", editing).group(1)
+    assert lora.endswith("/checkpoint-final.safetensors"), lora
+
+
+def test_set_up_is_two_commands():
+    """.ci/run runs the set-up block's lines verbatim and wants exactly two."""
+    block = README.read_text().split("\n## Set up", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    assert len([line for line in block.splitlines() if line.strip()]) == 2

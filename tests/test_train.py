@@ -259,12 +259,12 @@ def test_train_csv_end_to_end(tiny_models, csv_data, tmp_path, capsys):
     assert any(f.startswith("events.out.tfevents") for _, _, fs in os.walk(out / "logs") for f in fs)
     files = sorted(os.listdir(out))
     for name in ("checkpoint-2", "checkpoint-4", "checkpoint-final"):
-        assert f"{name}.safetensors" in files and f"{name}-standard.safetensors" in files
+        assert f"{name}.safetensors" in files and f"{name}-merged.safetensors" in files
     assert os.path.isfile(out / "state" / "checkpoint-4" / "lora.safetensors")
     assert "run.json" in files
     # saved LoRAs (merged on fused, standard on stock diffusers) reproduce the trained model
-    fused, stock, base = _trained_output(out / "checkpoint-final.safetensors",
-                                         out / "checkpoint-final-standard.safetensors", tiny_models["edit"])
+    fused, stock, base = _trained_output(out / "checkpoint-final-merged.safetensors",
+                                         out / "checkpoint-final.safetensors", tiny_models["edit"])
     trained = copy.deepcopy(base)
     qwen_fused.fuse_qkv(trained)
     L.add_training_lora(trained, 4, 8.0, TARGETS)
@@ -944,7 +944,7 @@ def test_seed_style_script_runs(tiny_models, csv_data, tmp_path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert (out / "checkpoint-final.safetensors").is_file()
-    assert (out / "checkpoint-final-standard.safetensors").is_file()
+    assert (out / "checkpoint-final-merged.safetensors").is_file()
 
 
 def test_compile_with_fp8_base_is_a_clear_error(tiny_models, csv_data, tmp_path, capsys):
