@@ -17,6 +17,9 @@ model instead of naming diffusers classes. A family module defines:
     POS_EMBED_HOOK       a forward hook that fusing puts on `model.pos_embed` and unfusing removes: the RoPE
                          tables the fused processors read, converted once per forward
     LORA_TARGETS         the default LoRA target names on a fused model (the training default)
+    meta_model()         a one-block transformer on the meta device (its module names: kohya keys map back by them)
+    MERGED_LINEARS       (optional) opt-in merged projections beyond STREAMS, merged suffix -> (parts in row order,
+                         stock order), e.g. 2.1's `img_mlp.gate_up`; the LoRA layer splits and merges them exactly
     LAYERS, HEADS, HEAD_DIM, WIDTH   the real model's size (for check and bench at real width)
 
 A pipeline is found by its `.transformer`, for every family.

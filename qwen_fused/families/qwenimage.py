@@ -28,6 +28,15 @@ def model_class():
     return QwenImageTransformer2DModel
 
 
+def meta_model():
+    """A one-block transformer on the meta device: its module names (kohya keys are mapped back with them)."""
+    import torch
+
+    with torch.device("meta"):
+        return model_class()(num_layers=1, num_attention_heads=1, attention_head_dim=16, joint_attention_dim=16,
+                             in_channels=16, axes_dims_rope=(4, 6, 6))
+
+
 def attentions(model):
     return [(f"transformer_blocks.{i}.attn", block.attn) for i, block in enumerate(model.transformer_blocks)]
 

@@ -15,9 +15,15 @@ NAME = "qwenimage21"
 STREAMS = {"to_qkv": ("to_q", "to_k", "to_v")}
 STOCK_ORDER = STREAMS  # QwenImage21Attention registers to_q, to_k, to_v in that order
 NORMS = ("norm_q", "norm_k")
+# opt-in merged projections beyond STREAMS (qwenimage21_mlp.fuse_swiglu), as the LoRA layer's row splits: merged ->
+# (parts in row order, the order the stock module registers them). The released checkpoints and ComfyUI store
+# the MLP this way, so LoRAs with `img_mlp.gate_up` keys exist; the LoRA layer maps them both ways.
+MERGED_LINEARS = {"img_mlp.gate_up": (("img_mlp.gate_layer", "img_mlp.proj"), ("img_mlp.proj", "img_mlp.gate_layer"))}
 LORA_TARGETS = ("to_qkv", "to_out.0", "img_mlp.proj", "img_mlp.gate_layer", "img_mlp.out")
 LAYERS, HEADS, HEAD_DIM = 32, 32, 128
 WIDTH = HEADS * HEAD_DIM
+# the real model's latent channels (64-channel VAE, unpatched) and text-encoder width (Qwen3-VL), for check and bench
+IN_CHANNELS, CONTEXT_DIM = 64, 4096
 
 
 def pos_embed_hook(module, args, output):
@@ -37,6 +43,13 @@ def model_class():
     except ImportError:  # diffusers < 0.42
         return None
     return QwenImage21Transformer2DModel
+
+
+def meta_model():
+    """A one-block 2.1 transformer on the meta device: its module names (kohya keys are mapped back with them)."""
+    with torch.device("meta"):
+        return model_class()(num_layers=1, num_attention_heads=1, attention_head_dim=16, context_in_dim=16,
+                             in_channels=16, out_channels=16, axes_dims_rope=(4, 6, 6))
 
 
 def attentions(model):

@@ -4,8 +4,9 @@ ComfyUI's merged `gate_up` is), run as one GEMM with the gate applied after it (
 
 Off by default, like `fuse_blocks`, until a GPU measures it. Independent of `fuse_qkv` (either order). The state
 dict changes (`img_mlp.gate_up.weight` for the two), so save checkpoints from an unfused model; `unfuse_swiglu`
-restores the stock modules bit for bit. LoRA: a peft adapter on `gate_up` runs inside the op; LoRA names
-`gate_layer` / `proj` are not mapped onto it yet (load LoRAs before fusing the MLP, or onto an unfused model).
+restores the stock modules bit for bit. LoRA: a peft adapter on `gate_up` runs inside the op; `qwen_fused.load_lora`
+maps LoRA names `gate_layer` / `proj` onto it exactly (two parts, block-diagonal B) and `gate_up` LoRAs back onto
+an unfused model. diffusers' own `load_lora_adapter` does not know `gate_up`: use `load_lora` on a merged MLP.
 This module sits above `fuse.py` in the fusing layer (it reuses its exact merge and split).
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from ..kernels.swiglu import swiglu
 from ..lora_factors import linear_lora_factors
 from . import qwenimage21, transformer_and_family
 
-PARTS = ("gate_layer", "proj")  # row order of gate_up: the gate (SiLU on it) first, then the up projection
+# row order of gate_up: the gate (SiLU on it) first, then the up projection (qwenimage21.MERGED_LINEARS)
+PARTS = tuple(p.rsplit(".", 1)[1] for p in qwenimage21.MERGED_LINEARS["img_mlp.gate_up"][0])
 
 
 class MergedSwiGLU(nn.Module):

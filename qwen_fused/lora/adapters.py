@@ -17,7 +17,8 @@ from torch import nn
 
 from ..fuse import is_fused, transformer_of
 from ..names import STANDARD, STOCK_ORDER, STREAMS
-from .algebra import LoraFactors, block_columns, config_kwargs, convert, to_merged, to_standard
+from .algebra import (QKV, LoraFactors, block_columns, config_kwargs, convert, merged_parts, part_of, row_splits,
+                      to_merged, to_standard)
 from .formats import parse_lora, read_lora, write_lora
 
 
@@ -37,18 +38,20 @@ def _linear(model, name):
 def plan_targets(model, modules):
     """Validate every module and shape before anything changes: name -> (Linear, row slice)."""
     missing, bad, plan = [], [], {}
+    groups = row_splits()
     for name, f in modules.items():
-        attn, _, leaf = name.rpartition(".")
         rows = slice(None)
         lin = _linear(model, name)
-        if lin is None and leaf in STANDARD:  # a standard target on a fused model: its row slice of to_qkv
-            merged, i = STANDARD[leaf]
-            lin = _linear(model, f"{attn}.{merged}")
+        part = part_of(name, groups) if lin is None else None
+        if part is not None:  # a part on a model that holds it merged (to_qkv, gate_up): its row slice there
+            merged, i, k = part
+            lin = _linear(model, merged)
             if lin is not None:
-                n = lin.out_features // 3
+                n = lin.out_features // k
                 rows = slice(i * n, (i + 1) * n)
-        parts = [_linear(model, f"{attn}.{s}") for s in STREAMS.get(leaf, ())]
-        if lin is None and parts and all(parts):  # a merged target on a stock model: q/k/v stacked
+        found = merged_parts(name, groups) if lin is None else None
+        parts = [_linear(model, p) for p in found[0]] if found else []
+        if lin is None and parts and all(parts):  # a merged target on a model that holds its parts: stacked
             lin = parts[0]
             out = sum(p.out_features for p in parts)
         elif lin is None:
@@ -98,7 +101,8 @@ def load_lora(transformer_or_pipeline, path_or_state_dict, adapter_name="default
         if any(f.magnitude is not None for f in parsed.modules.values()):
             raise ValueError("a DoRA adapter cannot be added into the base weights by load_lora(fuse=True); load it "
                              "as an adapter and call transformer.fuse_lora() (peft's DoRA merge)")
-        modules = to_standard(parsed.modules) if not fused else parsed.modules
+        modules = _as_model_holds(model, to_standard(parsed.modules, QKV) if not fused else parsed.modules,
+                                  merge=False)
         plan = plan_targets(model, modules)
         with torch.no_grad():
             for name, f in modules.items():
@@ -110,10 +114,25 @@ def load_lora(transformer_or_pipeline, path_or_state_dict, adapter_name="default
                 if f.bias is not None:
                     lin.bias[rows] += (f.bias.to(w.device, dtype) * (f.scale * scale)).to(lin.bias.dtype)
         return model
-    modules = to_merged(parsed.modules) if fused else to_standard(parsed.modules)
+    modules = _as_model_holds(model, to_merged(parsed.modules) if fused else to_standard(parsed.modules, QKV))
     plan_targets(model, modules)  # all names exist as plain modules now; shapes fit
     inject_adapter(model, modules, adapter_name, scale)
     return model
+
+
+def _as_model_holds(model, modules, merge=True):
+    """`modules` with each merged target beyond q/k/v (2.1's `img_mlp.gate_up`) split into its parts where the
+    model holds the parts, and (`merge`) the parts merged where it holds the merged module, exactly (block-diagonal
+    B, like q/k/v onto to_qkv). q/k/v follow `is_fused` (the callers convert them)."""
+    extra = {m: g for m, g in row_splits().items() if m not in QKV}
+    split = {n for n in modules if merged_parts(n, extra) and _linear(model, n) is None}
+    out = {**{n: f for n, f in modules.items() if n not in split},
+           **to_standard({n: modules[n] for n in split}, extra)}
+    if not merge:
+        return out
+    joined = {n for n in out if (p := part_of(n, extra)) and _linear(model, n) is None
+              and _linear(model, p[0]) is not None}
+    return {**{n: f for n, f in out.items() if n not in joined}, **to_merged({n: out[n] for n in joined}, extra)}
 
 
 def peft_adapter(modules, base_config=None):
@@ -148,23 +167,24 @@ def inject_adapter(model, modules, adapter_name, scale=1.0, base_config=None, **
         if isinstance(mod, LoraLayer) and adapter_name in mod.lora_A:
             if scale != 1.0:
                 mod.set_scale(adapter_name, scale)
-            if name in modules and name.rsplit(".", 1)[-1] in STREAMS:
-                _keep_block_diagonal(mod, adapter_name, modules[name].cols)
+            found = merged_parts(name, row_splits()) if name in modules else None
+            if found is not None:
+                _keep_block_diagonal(mod, adapter_name, modules[name].cols, len(found[0]))
 
 
-def _keep_block_diagonal(layer, adapter_name, cols=None):
-    """A block-diagonal merged B (standard q/k/v LoRAs) keeps zero off-diagonal blocks while training."""
+def _keep_block_diagonal(layer, adapter_name, cols=None, k=3):
+    """A block-diagonal merged B (standard LoRAs on its `k` parts) keeps zero off-diagonal blocks while training."""
     if cols is None:
-        cols = block_columns(layer.lora_B[adapter_name].weight.detach())
+        cols = block_columns(layer.lora_B[adapter_name].weight.detach(), k)
     if cols is not None:
-        _register_mask(layer, adapter_name, {i: c for i, c in enumerate(cols) if len(c)})
+        _register_mask(layer, adapter_name, {i: c for i, c in enumerate(cols) if len(c)}, k)
 
 
-def _register_mask(layer, adapter_name, cols):
-    """Zero B outside the blocks `cols` (q/k/v part index -> its rank columns), in the weight and its gradient, and
-    a LoRA bias (lora_bias) on the rows of parts without a LoRA: stock has no LoRA there at all."""
+def _register_mask(layer, adapter_name, cols, k=3):
+    """Zero B outside the blocks `cols` (part index -> its rank columns; `k` parts, q/k/v: 3), in the weight and
+    its gradient, and a LoRA bias (lora_bias) on the rows of parts without a LoRA: stock has no LoRA there at all."""
     b = layer.lora_B[adapter_name].weight
-    n = b.shape[0] // 3
+    n = b.shape[0] // k
     mask = torch.zeros(b.shape, dtype=torch.float32)
     for i, c in cols.items():
         mask[i * n:(i + 1) * n, c.cpu()] = 1
@@ -199,6 +219,10 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
     model = transformer_of(transformer_or_pipeline)
     if adapter_name in getattr(model, "peft_config", {}):
         raise ValueError(f"adapter name {adapter_name!r} already exists on this transformer")
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    refuse_merged_away(model, lambda part: check_target_module_exists(config, part), "add_lora / add_adapter",
+                       "target the merged module itself, or add the adapter before merging")
     if not is_fused(model) or isinstance(config.target_modules, str) and config.target_modules == "all-linear":
         _peft_add_adapter(model, config, adapter_name)
         return model
@@ -258,6 +282,18 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
     for name, rank_alpha in stock_order.items():
         _init_as_stock(model, config, adapter_name, name, rank_alpha, columns)
     return model
+
+
+def refuse_merged_away(model, selects, api, remedy):
+    """Raise when `selects(part name)` picks a part of a merged projection beyond q/k/v (2.1's gate_layer / proj in
+    a merged MLP's `gate_up`): peft's loaders would find no such module and drop it silently."""
+    extra = {m: g for m, g in row_splits().items() if m not in QKV}
+    hit = [p for name, _ in model.named_modules() if (found := merged_parts(name, extra)) and ".lora_" not in name
+           and _linear(model, name) is not None for p in found[0] if selects(p)]
+    if hit:
+        raise ValueError(f"{api} cannot map LoRA targets {', '.join(hit[:4])}{', ...' if len(hit) > 4 else ''} onto "
+                         f"this model: they are merged into one projection (fuse_swiglu's img_mlp.gate_up); use "
+                         f"qwen_fused.load_lora, which maps them exactly, or {remedy}")
 
 
 def stock_linears(model):
@@ -357,7 +393,8 @@ def lora_from_model(transformer_or_pipeline, adapter_name="default") -> dict:
         scale = mod.lora_alpha[adapter_name] / (math.sqrt(r) if mod.use_rslora.get(adapter_name) else r)
         bias = getattr(mod.lora_B[adapter_name], "bias", None)
         mask = getattr(mod, "_qwen_fused_block_mask", {}).get(adapter_name)
-        cols = None if mask is None else [blk.any(0).nonzero().flatten() for blk in mask.chunk(3)]
+        k = len(merged_parts(name, row_splits())[0]) if mask is not None else 0
+        cols = None if mask is None else [blk.any(0).nonzero().flatten() for blk in mask.chunk(k)]
         magnitude = mod.lora_magnitude_vector[adapter_name].weight.detach() if dora else None
         modules[name] = LoraFactors(mod.lora_A[adapter_name].weight.detach(), mod.lora_B[adapter_name].weight.detach(),
                                     scale * r, None if bias is None else bias.detach(), cols, magnitude)

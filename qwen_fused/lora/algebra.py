@@ -8,6 +8,8 @@ Conversion (design.md section 2), all exact:
   merged -> standard  B split by rows. A block-diagonal B (what standard -> merged makes, or what a masked
                       training run keeps) splits back into the original per-part factors; otherwise every
                       part gets the shared A.
+The same algebra splits and merges every row-stacked projection a family can merge (`row_splits()`: the q/k/v
+streams, and Qwen-Image 2.1's opt-in `img_mlp.gate_up` = [gate_layer; proj]), with as many parts as it has.
 Tensors and names only: no model, no file, no peft layer (the layers above use these).
 """
 from __future__ import annotations
@@ -18,7 +20,41 @@ from dataclasses import dataclass
 
 import torch
 
-from ..names import STANDARD, STOCK_ORDER, STREAMS
+from ..names import STOCK_ORDER, STREAMS
+
+# merged target -> (its parts in row order, the order the stock model registers them). Names are suffixes of a
+# module path (`to_qkv`, `img_mlp.gate_up`). QKV is what the "merged" layout merges; the families' MERGED_LINEARS
+# (opt-in merges such as 2.1's gate_up) are split back to stock names wherever a model or file lacks them.
+QKV = {merged: (parts, STOCK_ORDER[merged]) for merged, parts in STREAMS.items()}
+
+
+def row_splits():
+    """Every merged target qwen_fused knows: QKV and each family's MERGED_LINEARS."""
+    from ..families import FAMILIES
+
+    out = dict(QKV)
+    for family in FAMILIES:
+        out.update(getattr(family, "MERGED_LINEARS", {}))
+    return out
+
+
+def part_of(name, groups):
+    """`(merged module name, part index, number of parts)` when module `name` is a part of a merged target in
+    `groups`, else None."""
+    for merged, (parts, _) in groups.items():
+        for i, part in enumerate(parts):
+            if name == part or name.endswith("." + part):
+                return name[:len(name) - len(part)] + merged, i, len(parts)
+    return None
+
+
+def merged_parts(name, groups):
+    """`(the part module names in row order, in stock order)` when module `name` is a merged target, else None."""
+    for merged, (parts, stock) in groups.items():
+        if name == merged or name.endswith("." + merged):
+            base = name[:len(name) - len(merged)]
+            return [base + p for p in parts], [base + p for p in stock]
+    return None
 
 
 @dataclass
@@ -76,29 +112,30 @@ def apply_config(modules, cfg: dict, only_missing=False):
 # ----------------------------------------------------------------------------------------------------------
 # the algebra
 
-def to_merged(modules: dict) -> dict:
-    """Standard q/k/v LoRAs -> one LoRA per merged projection (exact; see module docstring)."""
-    out, groups = {}, collections.defaultdict(dict)
+def to_merged(modules: dict, groups=QKV) -> dict:
+    """Standard q/k/v LoRAs (the parts of `groups`) -> one LoRA per merged projection (exact; see module
+    docstring)."""
+    out, merging, sizes = {}, collections.defaultdict(dict), {}
     for name, f in modules.items():
-        attn, _, leaf = name.rpartition(".")
-        if leaf in STANDARD:
-            merged, i = STANDARD[leaf]
-            groups[f"{attn}.{merged}"][i] = f
+        part = part_of(name, groups)
+        if part is not None:
+            merged, i, sizes[merged] = part
+            merging[merged][i] = f
         else:
             out[name] = f
-    for name, parts in groups.items():
-        out[name] = _merge_parts(name, parts)
+    for name, parts in merging.items():
+        out[name] = _merge_parts(name, parts, sizes[name])
     return out
 
 
-def _merge_parts(name, parts):
+def _merge_parts(name, parts, k=3):
     order = sorted(parts)
     first = parts[order[0]]
     n, c = first.b.shape[0], first.a.shape[1]
     for i in order:
         if parts[i].b.shape[0] != n or parts[i].a.shape[1] != c:
-            raise ValueError(f"{name}: q/k/v LoRAs disagree in shape (out {parts[i].b.shape[0]} vs {n}, in "
-                             f"{parts[i].a.shape[1]} vs {c}); not one attention's projections")
+            raise ValueError(f"{name}: the LoRAs of its parts disagree in shape (out {parts[i].b.shape[0]} vs {n}, in "
+                             f"{parts[i].a.shape[1]} vs {c}); not one merged projection's parts")
     dtype = first.b.dtype
     for i in order:
         dtype = _promote(dtype, _promote(parts[i].a.dtype, parts[i].b.dtype))
@@ -109,10 +146,10 @@ def _merge_parts(name, parts):
     a = first.a.to(dtype) if same_a else torch.cat([parts[i].a.to(dtype) for i in order])
     # different scales are folded into B: in at least fp32, so that no narrow dtype rounds the scaled factors
     b_dtype = dtype if same_scale else _promote(dtype, torch.float32)
-    b = torch.zeros(3 * n, a.shape[0], dtype=b_dtype, device=first.b.device)
+    b = torch.zeros(k * n, a.shape[0], dtype=b_dtype, device=first.b.device)
     has_bias = any(parts[i].bias is not None for i in order)
-    bias = torch.zeros(3 * n, dtype=b_dtype, device=first.b.device) if has_bias else None
-    col, blocks = 0, [torch.arange(0)] * 3
+    bias = torch.zeros(k * n, dtype=b_dtype, device=first.b.device) if has_bias else None
+    col, blocks = 0, [torch.arange(0)] * k
     for i in order:
         r = parts[i].rank
         cols = slice(0, r) if same_a else slice(col, col + r)
@@ -124,19 +161,20 @@ def _merge_parts(name, parts):
         col += r
     rank = a.shape[0]
     alpha = None if no_alpha else (scales[0] * rank if same_scale else float(rank))
-    return LoraFactors(a, b, alpha, bias, None if same_a else blocks, _merged_magnitude(name, parts))
+    return LoraFactors(a, b, alpha, bias, None if same_a else blocks, _merged_magnitude(name, parts, k))
 
 
-def _merged_magnitude(name, parts):
+def _merged_magnitude(name, parts, k):
     """DoRA's magnitude of the merged projection: the parts' rows stacked (each row's norm involves only its own
     part of a block-diagonal B). A part without DoRA would need its rows' weight norms, which need the model."""
     have = [i for i in sorted(parts) if parts[i].magnitude is not None]
     if not have:
         return None
-    if len(have) != 3:
-        raise ValueError(f"{name}: DoRA on only some of its q/k/v parts ({len(have)} of 3) is not one merged DoRA "
-                         f"layer; target all three parts, or load it onto the unfused model")
-    return torch.cat([parts[i].magnitude for i in range(3)])
+    if len(have) != k:
+        what = "q/k/v parts" if k == 3 else "parts"
+        raise ValueError(f"{name}: DoRA on only some of its {what} ({len(have)} of {k}) is not one merged DoRA "
+                         f"layer; target all {k} parts, or load it onto the unfused model")
+    return torch.cat([parts[i].magnitude for i in range(k)])
 
 
 # LoRA factors come in any dtype a model stores them in, fp8 included (diffusers' layerwise casting), where the CPU
@@ -164,55 +202,58 @@ def _scaled(t, scale, dtype):
     return t.to(dtype) if scale == 1 else (_wide(t) * scale).to(dtype)
 
 
-def to_standard(modules: dict) -> dict:
-    """Merged LoRAs -> one LoRA per q/k/v projection (exact; see module docstring)."""
+def to_standard(modules: dict, groups=None) -> dict:
+    """Merged LoRAs (the targets of `groups`; None: every one `row_splits()` knows) -> one LoRA per part (exact;
+    see module docstring)."""
+    groups = row_splits() if groups is None else groups
     out = {}
     for name, f in modules.items():
-        attn, _, leaf = name.rpartition(".")
-        if leaf not in STREAMS:
+        found = merged_parts(name, groups)
+        if found is None:
             out[name] = f
             continue
-        if f.b.shape[0] % 3:
-            raise ValueError(f"{name}: merged LoRA B has {f.b.shape[0]} rows, not 3 equal q/k/v blocks")
-        n = f.b.shape[0] // 3
-        blocks = [f.b[i * n:(i + 1) * n] for i in range(3)]
-        biases = [None if f.bias is None else f.bias[i * n:(i + 1) * n] for i in range(3)]
-        mags = [None if f.magnitude is None else f.magnitude[i * n:(i + 1) * n] for i in range(3)]
-        cols = f.cols if f.cols is not None and _only_in(f.b, f.cols) else block_columns(f.b)
-        prefix = f"{attn}." if attn else ""
-        for std in STOCK_ORDER[leaf]:  # the parts in diffusers' module order, as a stock model's state dict has them
-            i = STANDARD[std][1]
+        parts, stock = found
+        k = len(parts)
+        if f.b.shape[0] % k:
+            raise ValueError(f"{name}: merged LoRA B has {f.b.shape[0]} rows, not {k} equal blocks of its parts")
+        n = f.b.shape[0] // k
+        blocks = [f.b[i * n:(i + 1) * n] for i in range(k)]
+        biases = [None if f.bias is None else f.bias[i * n:(i + 1) * n] for i in range(k)]
+        mags = [None if f.magnitude is None else f.magnitude[i * n:(i + 1) * n] for i in range(k)]
+        cols = f.cols if f.cols is not None and _only_in(f.b, f.cols) else block_columns(f.b, k)
+        for std in stock:  # the parts in diffusers' module order, as a stock model's state dict has them
+            i = parts.index(std)
             if cols is None:
-                out[prefix + std] = LoraFactors(f.a, blocks[i], f.alpha, biases[i], magnitude=mags[i])
+                out[std] = LoraFactors(f.a, blocks[i], f.alpha, biases[i], magnitude=mags[i])
             elif len(cols[i]):
                 r, c = len(cols[i]), cols[i].to(f.a.device)
-                out[prefix + std] = LoraFactors(f.a[c], blocks[i][:, c], None if f.alpha is None else f.scale * r,
-                                                biases[i], magnitude=mags[i])
+                out[std] = LoraFactors(f.a[c], blocks[i][:, c], None if f.alpha is None else f.scale * r,
+                                       biases[i], magnitude=mags[i])
     return out
 
 
 def _only_in(b, cols):
-    """True when each q/k/v row block of a merged B is zero outside its part's rank columns `cols`."""
-    n = b.shape[0] // 3
+    """True when each part's row block of a merged B is zero outside its part's rank columns `cols`."""
+    n = b.shape[0] // len(cols)
     outside = torch.ones(b.shape, dtype=torch.bool, device=b.device)
     for i, c in enumerate(cols):
         outside[i * n:(i + 1) * n, c.to(b.device)] = False
     return not bool(_wide(b)[outside].any())
 
 
-def block_columns(b):
-    """The rank columns of each q/k/v part when a merged B `[3n, R]` is block-diagonal, else None.
+def block_columns(b, k=3):
+    """The rank columns of each of `k` parts (q/k/v: 3) when a merged B `[k n, R]` is block-diagonal, else None.
 
     Block-diagonal: every column is nonzero in at most one row block. Columns nonzero in no block go to the
     part(s) whose B is entirely zero (a part that never got a gradient, e.g. text queries of the last block),
     so a stock q/k/v LoRA comes back with its own rank. An all-zero B (fresh init) is not block-diagonal.
     """
-    n = b.shape[0] // 3
-    used = torch.stack([(_wide(b[i * n:(i + 1) * n]) != 0).any(0) for i in range(3)])  # [3, R]
+    n = b.shape[0] // k
+    used = torch.stack([(_wide(b[i * n:(i + 1) * n]) != 0).any(0) for i in range(k)])  # [k, R]
     if not used.any() or bool((used.sum(0) > 1).any()):
         return None
     free = ~used.any(0)
-    return [(used[i] if used[i].any() else free).nonzero().flatten() for i in range(3)]
+    return [(used[i] if used[i].any() else free).nonzero().flatten() for i in range(k)]
 
 
 def convert(modules: dict, to: str) -> dict:

@@ -13,8 +13,8 @@ import types
 import torch
 
 from ..names import STANDARD, STOCK_ORDER, STREAMS
-from .adapters import (add_lora, inject_adapter, lora_from_model, peft_adapter, plan_targets, stock_linears,
-                       stock_lora_layer, stock_targets)
+from .adapters import (add_lora, inject_adapter, lora_from_model, peft_adapter, plan_targets, refuse_merged_away,
+                       stock_linears, stock_lora_layer, stock_targets)
 from .algebra import apply_config, to_merged, to_standard
 from .formats import parse_lora
 
@@ -46,6 +46,9 @@ def fused_load_lora_adapter(model, pretrained_model_name_or_path_or_dict, prefix
     ours = state_dict
     if prefix is not None:
         ours = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+    modules = {k.split(".lora_")[0] for k in ours}
+    refuse_merged_away(model, lambda part: any(m == part or m.endswith("." + part) for m in modules),
+                       "load_lora_adapter", "load the LoRA before fuse_swiglu")
     if not _has_leaf(ours, STANDARD):
         return type(model).load_lora_adapter(model, state_dict, prefix=prefix, hotswap=hotswap, metadata=metadata,
                                              **kwargs)

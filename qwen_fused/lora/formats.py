@@ -6,7 +6,10 @@ Layouts read (detected from the keys, one per file):
   ai-toolkit  diffusion_model.transformer_blocks.0.attn.to_q.lora_A.weight  (lora_down/up: comfyui)
   kohya       lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight / .lora_up.weight / .alpha
   lightning   transformer_blocks.0.attn.to_q.lora_down.weight / .lora_up.weight / .alpha
-each with standard (to_q, to_k, to_v, add_*_proj) or merged (to_qkv, add_qkv_proj) targets.
+each with standard (to_q, to_k, to_v, add_*_proj) or merged (to_qkv, add_qkv_proj) targets, on the module names of
+every family (Qwen-Image; Qwen-Image 2.1's img_mlp.gate_layer / proj / out, modulation.1, txt_in.in_layer, ...,
+and ComfyUI's merged img_mlp.gate_up). kohya names are mapped back with the model's module names, or every family's
+meta model when there is no model.
 
 Every key must be understood: unknown keys, LoRA variants that cannot be loaded exactly (kohya's `dora_scale`,
 LoKr, LoHa, full differences; peft's DoRA `lora_magnitude_vector` loads), mixed layouts, incomplete pairs and bad
@@ -28,7 +31,7 @@ from torch import nn
 
 from ..atomic import atomic_output
 from ..names import STANDARD, STREAMS
-from .algebra import LoraFactors, apply_config, config_kwargs, convert
+from .algebra import LoraFactors, apply_config, config_kwargs, convert, row_splits
 
 
 LAYOUTS = ("diffusers", "peft", "diffsynth", "ai-toolkit", "comfyui", "kohya", "lightning")
@@ -66,33 +69,32 @@ class ParsedLora:
 # module-name vocabulary (kohya flattens dots to underscores; we map back with the model's real names)
 
 def _vocabulary(model=None):
-    """(top-level Linear names, per-block Linear suffixes) in both standard and merged forms."""
-    if model is None:
-        model = _meta_model()
+    """(top-level Linear names, per-block Linear suffixes) in both standard and merged forms: of `model`, or of
+    every family's meta model when there is none (a file converted on its own may be for any of them)."""
     top, block = set(), set()
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or ".lora_" in name:
-            continue
-        name = name.removesuffix(".base_layer")  # peft wraps the Linear; the target is the wrapper's name
-        m = re.match(r"transformer_blocks\.\d+\.(.+)$", name)
-        (block if m else top).add(m.group(1) if m else name)
-    for merged, stds in STREAMS.items():
-        block.update({f"attn.{merged}"} | {f"attn.{s}" for s in stds})
+    for m in [model] if model is not None else _meta_models():
+        for name, mod in m.named_modules():
+            if not isinstance(mod, nn.Linear) or ".lora_" in name:
+                continue
+            name = name.removesuffix(".base_layer")  # peft wraps the Linear; the target is the wrapper's name
+            found = re.match(r"transformer_blocks\.\d+\.(.+)$", name)
+            (block if found else top).add(found.group(1) if found else name)
+    for merged, (parts, _) in row_splits().items():  # a block's merged targets and their parts, in either form
+        prefix = "attn." if merged in STREAMS else ""
+        block.update({prefix + merged} | {prefix + p for p in parts})
     return top, block
 
 
 _META = []
 
 
-def _meta_model():
+def _meta_models():
+    """Each family's meta model (its module names), built once."""
     if not _META:
-        from diffusers import QwenImageTransformer2DModel
+        from ..families import FAMILIES
 
-        with torch.device("meta"):
-            _META.append(QwenImageTransformer2DModel(num_layers=1, num_attention_heads=1, attention_head_dim=16,
-                                                     joint_attention_dim=16, in_channels=16,
-                                                     axes_dims_rope=(4, 6, 6)))
-    return _META[0]
+        _META.extend(f.meta_model() for f in FAMILIES if f.model_class() is not None)
+    return _META
 
 
 def _unflatten(flat, vocab):
