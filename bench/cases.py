@@ -22,6 +22,18 @@ SHAPES = {
     "edit-1024x2": (12288, 600),
     "train-512": (2048, 400),
 }
+# Qwen-Image 2.1 (issue 20; a `q21-` prefix names the family): latent images (frame, h, w), condition images
+# first, the target last; one latent token is 16x16 pixels (2.1's VAE is 16x and its transformer unpatched), so a
+# 1024x1024 image is 64x64 = 4096 tokens, and its 2x2 groups fill 1024 image slots of the text stream (Qwen3-VL's
+# 32x32-pixel merged patches: `pipeline_qwenimage21.py`, `_IMG_TOKENS_PER_SLOT`). `text` is the prompt runs
+# around the condition images (before, after each): the template's few tokens, then a prompt; 128 text tokens is
+# an assumed prompt length, not one read off a pipeline run.
+SHAPES21 = {
+    "q21-edit-1024": dict(text=(8, 120), images=((1, 64, 64), (1, 64, 64))),
+    "q21-train-512": dict(text=(8, 120), images=((1, 32, 32), (1, 32, 32))),
+}
+# (S_img, S_txt) as for Qwen-Image: latent tokens, text tokens (the joint sequence is S_img + S_txt)
+SHAPES.update({k: (sum(f * h * w for f, h, w in v["images"]), sum(v["text"])) for k, v in SHAPES21.items()})
 REAL_DIMS = dict(heads=24, head_dim=128)
 TINY_DIMS = dict(heads=2, head_dim=32)
 TINY_SEQ_DIV = 64  # reduced sizes without CUDA: sequence lengths divided by this
@@ -33,6 +45,11 @@ QUICK_CASES = ["op/edit-1024/b1/fwd", "op/edit-1024/b1/fwdbwd-r64", "block/edit-
 # AdamW. Kept apart because the pytest-benchmark suite (bench/test_bench_suite.py) takes QUICK_CASES through the
 # per-case `Workload`, which a 60-block model does not fit (it holds a reference-precision copy).
 QUICK_MODEL_CASES = ["model/edit-1024/b1/fwd/n60", "model/train-512/b1/fwdbwd-r32-gc/n60"]
+# Qwen-Image 2.1 (issue 20): op and block as the quick ones, the model at 32 blocks, inference and a LoRA training
+# step on the 1024x1024 edit (bench/family21.py); not in `--quick`, pass them to `--cases`
+Q21_CASES = ["op/q21-edit-1024/b1/fwd", "op/q21-train-512/b1/fwdbwd-r64", "block/q21-edit-1024/b1/fwd",
+             "block/q21-train-512/b1/fwdbwd-r32", "model/q21-edit-1024/b1/fwd/n32",
+             "model/q21-edit-1024/b1/fwdbwd-r32-gc/n32"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +61,11 @@ class Case:
     rank: int = 0         # LoRA rank (fwdbwd only)
     gc: bool = False      # gradient checkpointing per block (block/model fwdbwd)
     blocks: int = 1       # blocks run in sequence (model level)
+
+    @property
+    def family(self) -> str:
+        """The model family's NAME (qwen_fused/families): "qwenimage21" for the `q21-` shapes."""
+        return "qwenimage21" if self.shape in SHAPES21 else "qwenimage"
 
     @property
     def name(self) -> str:

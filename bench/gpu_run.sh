@@ -20,12 +20,15 @@
 #   bench-opblock   `--quick --level op,block`: 4 cases, every provider               80     150      40
 #   bench-model     model/edit-1024/b1/fwd/n60 (QF_MODEL_PROVIDERS)                  200     400     120
 #   bench-train     model/train-512/b1/fwdbwd-r32-gc/n60, only if 200 s are left     240     400     200
+#   bench-model21   Qwen-Image 2.1: model/q21-edit-1024/b1/fwd/n32                 180     300     120
+#                   (QF_MODEL21_PROVIDERS), only if 120 s are left
 #   tests-kernel    the other kernel tests (-m "kernel and not gpu"), native here     60      90      30
 #   host-time       bench/host_time.py, train-512 only, no profiler pass             20      40      20
 #   tile-sweep      only with QF_TILE_SWEEP: the op fwd per tile config vs the GEMM  30/config rest  30
 #   summary         the step table, this call's runs (PARTIAL ones named), files      5   reserve
-# At the estimates (QF_DRY=1 shows it): bench-train is skipped (90 s left after bench-model, it needs 200),
-# tests-kernel and host-time run, and the summary starts at about 515 s.
+# At the estimates (QF_DRY=1 shows it): bench-train and bench-model21 are skipped (90 s left after bench-model,
+# they need 200 and 120), tests-kernel and host-time run, and the summary starts at about 515 s. bench-model21's
+# estimate is a guess from the Qwen-Image one: three groups of block compiles (stock, ours, ours-swiglu).
 #
 # Results are written as they go: the bench saves its run into $OUT/results/<gpu>.json (a copy of
 # bench/results/<gpu>.json taken before the first bench step) after every case, marked PARTIAL until the last
@@ -42,6 +45,7 @@
 #        QF_WHEELS (default: .whl/ in the repo root)  QF_SITE (default /tmp/qf_site)  QF_SHIM=1: symlink shim
 #        QWEN_FUSED_COMMIT: the commit to record (the copy on the device machine may have no git)
 #        QF_MODEL_PROVIDERS (default stock,stock-compile,ours-triton,ours-compile,ours-blocks,ours-blocks-compile)
+#        QF_MODEL21_PROVIDERS (default stock,stock-compile,ours-triton,ours-compile,ours-swiglu,ours-swiglu-compile)
 #        QF_TUNE_ARGS (extra args of python -m qwen_fused.kernels.tune)
 #        QF_TILE_SWEEP="BM,maxN,BK,warps,stages ..." (configs that spill are no candidates: check them first with
 #        `python -m qwen_fused.kernels.inspect --arch sm_90`)
@@ -53,6 +57,7 @@ DEADLINE=${QF_DEADLINE:-540}
 RESERVE=${QF_RESERVE:-15}
 DRY=${QF_DRY:-}
 MODEL_PROVIDERS=${QF_MODEL_PROVIDERS:-stock,stock-compile,ours-triton,ours-compile,ours-blocks,ours-blocks-compile}
+MODEL21_PROVIDERS=${QF_MODEL21_PROVIDERS:-stock,stock-compile,ours-triton,ours-compile,ours-swiglu,ours-swiglu-compile}
 T0=$(date +%s)
 START_ISO=$(date -u +%Y-%m-%dT%H:%M:%S)
 SIM=0          # QF_DRY: a clock advanced by each step's estimate instead of the real one
@@ -187,6 +192,7 @@ bench() {  # BUDGET ARGS...: one `qwen-fused bench`, saving into $OUT/results as
 bench_opblock() { bench "$1" --quick --level op,block; }
 bench_model() { bench "$1" --cases model/edit-1024/b1/fwd/n60 --providers "$MODEL_PROVIDERS" --quick; }
 bench_train() { bench "$1" --cases model/train-512/b1/fwdbwd-r32-gc/n60 --providers "$MODEL_PROVIDERS" --quick; }
+bench_model21() { bench "$1" --cases model/q21-edit-1024/b1/fwd/n32 --providers "$MODEL21_PROVIDERS" --quick; }
 
 host_time() {
     limit "$1" python -m qwen_fused.bench.host_time --shapes train-512 --no-profile --calls 10 --rounds 3 \
@@ -252,6 +258,7 @@ step tune           45  90  30 tune
 step bench-opblock  80 150  40 bench_opblock
 step bench-model   200 400 120 bench_model
 step bench-train   240 400 200 bench_train
+step bench-model21 180 300 120 bench_model21
 step tests-kernel   60  90  30 tests_kernel
 step host-time      20  40  20 host_time
 [ -n "${QF_TILE_SWEEP:-}" ] && step tile-sweep 30 600 30 tile_sweep

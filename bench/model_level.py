@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from qwen_fused.families import FAMILIES
 from qwen_fused.names import STREAMS
 from qwen_fused.tiny import random_transformer, rope_axes
 
@@ -28,14 +29,19 @@ from .cases import REAL_DIMS, SHAPES, TINY_DIMS, TINY_SEQ_DIV, Case
 from .providers import Unavailable, use_backend, use_backend_reset
 from .workloads import STOCK_LORA_TARGETS
 
+# merged LoRA target (module leaf) -> its stock parts in row order: q/k/v, and the families' opt-in merges (2.1's
+# `gate_up` = gate_layer, proj)
+SPLITS = {**STREAMS, **{m.rsplit(".", 1)[1]: tuple(p.rsplit(".", 1)[1] for p in parts) for f in FAMILIES
+                        for m, (parts, _) in getattr(f, "MERGED_LINEARS", {}).items()}}
 VERIFY_BLOCKS = 2
 TINY_MAX_BLOCKS = 3        # without CUDA: at most this many (tiny) blocks
 N_IMAGES = {"t2i-1328": 1, "edit-1024": 2, "edit-1024x2": 3, "train-512": 2}  # target + condition images
 STOCK_GROUP = ("stock", "stock-compile")                      # run on the stock model
 OURS_GROUP = ("ours-triton", "ours-torch", "ours-compile")   # run on the same model, fused in place
-BLOCKS_GROUP = ("ours-blocks", "ours-blocks-compile")         # then with `fuse_blocks` on top
+BLOCKS_GROUP = ("ours-blocks", "ours-blocks-compile")         # then with `fuse_blocks` on top (2.1: fuse_swiglu)
 BACKEND = {"stock": None, "stock-compile": None, "ours-triton": "triton", "ours-torch": "torch",
-           "ours-compile": "auto", "ours-blocks": "auto", "ours-blocks-compile": "auto"}
+           "ours-compile": "auto", "ours-blocks": "auto", "ours-blocks-compile": "auto", "ours-swiglu": "auto",
+           "ours-swiglu-compile": "auto"}
 
 
 def repeats(cuda: bool, quick: bool) -> int:
@@ -51,7 +57,10 @@ def interleaved(names, reps):
 
 # ------------------------------------------------------------------------------------------ model and inputs
 class Setup:
-    """Sizes of a model case (tiny without CUDA) and its inputs."""
+    """Sizes of a model case (tiny without CUDA) and its inputs. Qwen-Image's; `family21.Setup21` is 2.1's."""
+
+    lora_targets = STOCK_LORA_TARGETS
+    extra_group = BLOCKS_GROUP  # the providers after ours, on the model with `fuse_extra` on top
 
     def __init__(self, case: Case, device, tiny: bool, blocks: int, seed=0, dtype=torch.bfloat16):
         self.case, self.device, self.tiny, self.blocks, self.dtype = case, torch.device(device), tiny, blocks, dtype
@@ -99,7 +108,7 @@ class Setup:
         from peft import LoraConfig
 
         r = self.case.rank
-        model.add_adapter(LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=STOCK_LORA_TARGETS))
+        model.add_adapter(LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=self.lora_targets))
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for name, p in sorted(model.named_parameters()):
@@ -108,22 +117,40 @@ class Setup:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         return model
 
+    @staticmethod
+    def fuse_extra(model, lora=None):
+        """The fusing on top of ours for `extra_group` (its LoRA, loaded by ours, stays on)."""
+        import qwen_fused
+
+        return qwen_fused.fuse_blocks(model)
+
+
+def make_setup(case: Case, device, tiny: bool, blocks: int, seed=0, dtype=torch.bfloat16):
+    """The case's family's Setup."""
+    if case.family == "qwenimage21":
+        from .family21 import Setup21
+
+        return Setup21(case, device, tiny, blocks, seed, dtype)
+    return Setup(case, device, tiny, blocks, seed, dtype)
+
 
 def stock_view(named: dict, rank: int) -> dict:
     """LoRA tensors (weights or gradients) in stock naming: a merged q/k/v adapter of rank 3r with block-diagonal
-    B (what `load_lora` makes of a standard LoRA) is split back into its q, k and v parts."""
+    B (what `load_lora` makes of a standard LoRA) is split back into its q, k and v parts (2.1's merged `gate_up`,
+    rank 2r, into gate_layer and proj)."""
     out = {}
     for name, t in named.items():
         head, leaf, tail = _split_lora_name(name)
-        if leaf not in STREAMS:
+        if leaf not in SPLITS:
             out[name] = t
             continue
-        for i, part in enumerate(STREAMS[leaf]):
+        parts = SPLITS[leaf]
+        for i, part in enumerate(parts):
             rows = slice(i * rank, (i + 1) * rank)
             if ".lora_A." in tail:
                 blk = t[rows]
             else:
-                n = t.shape[0] // 3
+                n = t.shape[0] // len(parts)
                 blk = t[i * n:(i + 1) * n, rows]
             out[f"{head}.{part}{tail}"] = blk
     return out
@@ -153,7 +180,8 @@ class Runner:
         self.compiled = {}
 
     def _inputs(self):
-        return {k: v.to(self.dtype) if torch.is_tensor(v) else v for k, v in self.s.inputs.items()}
+        return {k: v.to(self.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                for k, v in self.s.inputs.items()}
 
     def forward_backward(self):
         """Output, and (training) the LoRA gradients of <output, grad_out>, without the optimizer step."""
@@ -224,10 +252,10 @@ def groups(setup: Setup, model, providers):
             p.requires_grad_("lora_" in n)
     run = Runner(setup, model)
     yield ours, run
-    blocks = [p for p in BLOCKS_GROUP if p in providers]
+    blocks = [p for p in setup.extra_group if p in providers]
     if blocks:
         run.uncompile()
-        qwen_fused.fuse_blocks(model)
+        setup.fuse_extra(model, lora)
         yield blocks, Runner(setup, model)
 
 
@@ -238,7 +266,7 @@ def run_model_case(case: Case, providers, device, tiny, quick, seed, res, judge,
     `on_group()` after each group of providers is timed (a run cut later in the case keeps those)."""
     cuda = torch.device(device).type == "cuda"
     blocks = min(case.blocks, TINY_MAX_BLOCKS) if tiny else case.blocks
-    setup = Setup(case, device, tiny, blocks, seed)
+    setup = make_setup(case, device, tiny, blocks, seed)
     res.update(blocks_run=blocks, s_img=setup.s_img, s_txt=setup.s_txt, dim=setup.dim, heads=setup.heads,
                img_shapes=setup.img_shapes[0], repeats=repeats(cuda, quick), verify_blocks=VERIFY_BLOCKS)
     provs = res["providers"]

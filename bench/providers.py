@@ -141,7 +141,17 @@ def _impl(w, step, params, backend=None, compiled=False):
                 grads=params() + w.input_grads(), compiled=compiled)
 
 
+def _impl21(w, kind, compiled=False, backend=None):
+    """A 2.1 op or block provider (bench/family21.py)."""
+    from .family21 import build
+
+    step, model = build(w, kind, compiled)
+    return _impl(w, step, Params(model=model), backend=backend, compiled=compiled)
+
+
 def build_stock(w: Workload, compiled=False):
+    if w.case.family == "qwenimage21":
+        return _impl21(w, "stock", compiled)
     if w.case.level == "op":
         step, params = _op_stock(w, w.stock_model, compiled)
     else:
@@ -153,7 +163,12 @@ def build_reference(w: Workload):
     """Stock at reference precision (fp32 on CUDA without TF32, float64 on CPU): the yardstick for all."""
     if w.ref_model is None:
         raise RuntimeError("reference model already released")
-    if w.case.level == "op":
+    if w.case.family == "qwenimage21":
+        from .family21 import build
+
+        step, model = build(w, "ref", dtype=w.ref_dtype)
+        params = Params(model=model)
+    elif w.case.level == "op":
         step, params = _op_stock(w, w.ref_model, dtype=w.ref_dtype)
     else:
         step, params = _blocks_provider(w, w.ref_model, (w.img_freqs, w.txt_freqs), dtype=w.ref_dtype)
@@ -169,6 +184,8 @@ def build_ours(w: Workload, backend, compiled=False):
     if backend == "triton" and w.device.type != "cuda":
         raise Unavailable("the Triton backend needs a CUDA device")
     use_backend(backend)
+    if w.case.family == "qwenimage21":
+        return _impl21(w, "ours", compiled, backend)
     if w.case.level == "op":
         step, params = _op_ours(w, compiled)
     else:
@@ -188,11 +205,21 @@ def build_ours_blocks(w: Workload, compiled=False):
     return _impl(w, step, params, backend="auto", compiled=compiled)
 
 
+def build_ours_swiglu(w, compiled=False):
+    """2.1: ours with the merged SwiGLU (`fuse_swiglu`) too, on its own copy of the fused model."""
+    use_backend("auto")
+    return _impl21(w, "swiglu", compiled, "auto")
+
+
 def build_gemm(w: Workload):
     if w.case.level != "op":
         raise Unavailable("the bare GEMM ceiling is an op-level provider")
     if w.device.type != "cuda":  # a CPU GEMM can be slower than the fused op: no ceiling there
         raise Unavailable("the bare GEMM is a ceiling on CUDA (cuBLAS) only")
+    if w.case.family == "qwenimage21":
+        from .family21 import gemm_step
+
+        return Impl(step=gemm_step(w), collect=None, grads=w.input_grads())
     step = _op_gemm(w)
     return Impl(step=step, collect=None, grads=w.input_grads())
 
@@ -203,6 +230,7 @@ class Provider:
     label: str
     build: Callable[[Workload], Impl]
     cpu_default: bool = True
+    families: tuple = ("qwenimage", "qwenimage21")  # the model families (Case.family) it runs; others skip it
 
 
 PROVIDERS = {p.name: p for p in [
@@ -211,9 +239,14 @@ PROVIDERS = {p.name: p for p in [
     Provider("ours-triton", "ours, Triton kernels", lambda w: build_ours(w, "triton")),
     Provider("ours-torch", "ours, torch path", lambda w: build_ours(w, "torch")),
     Provider("ours-compile", "ours under torch.compile", lambda w: build_ours(w, "auto", compiled=True), False),
-    Provider("ours-blocks", "ours + fuse_blocks (Triton on CUDA, torch path elsewhere)", build_ours_blocks),
+    Provider("ours-blocks", "ours + fuse_blocks (Triton on CUDA, torch path elsewhere)", build_ours_blocks,
+             families=("qwenimage",)),
     Provider("ours-blocks-compile", "ours + fuse_blocks under torch.compile",
-             lambda w: build_ours_blocks(w, compiled=True), False),
+             lambda w: build_ours_blocks(w, compiled=True), False, families=("qwenimage",)),
+    Provider("ours-swiglu", "ours + merged SwiGLU (fuse_swiglu; Triton on CUDA, torch path elsewhere)",
+             build_ours_swiglu, families=("qwenimage21",)),
+    Provider("ours-swiglu-compile", "ours + merged SwiGLU under torch.compile",
+             lambda w: build_ours_swiglu(w, compiled=True), False, families=("qwenimage21",)),
     Provider("gemm", "bare cuBLAS GEMM x W_qkv^T (ceiling)", build_gemm, False),
 ]}
 BASELINES = ("stock", "stock-compile")

@@ -156,6 +156,10 @@ def measure_ceilings(device, quick=False) -> dict:
 def case_cost(w: Workload) -> dict:
     """Minimum FLOPs and device-memory bytes of one case (each input read once, each output written once)."""
     c = w.case
+    if c.family == "qwenimage21":
+        from .family21 import case_cost as cost21
+
+        return cost21(w)
     B, C, r = c.batch, w.dim, c.rank
     M = B * (w.s_img + w.s_txt)
     e = torch.finfo(w.dtype).bits // 8
@@ -213,10 +217,15 @@ def run_case(case: Case, providers: list[str], device, tiny=False, quick=False, 
         l2 = torch.cuda.get_device_properties(device).L2_cache_size or (50 << 20)
     else:
         l2 = 50 << 20
+    providers = [p for p in providers if case.family in PROVIDERS[p].families]  # e.g. fuse_blocks: Qwen-Image
     if case.level == "model":
         return _run_model_case(case, providers, device, tiny, quick, ceilings, seed, prefix, on_partial)
     log(f"{prefix}{case.name}: building (random weights, {'tiny' if tiny else 'real'} width)")
-    w = Workload(case, device, tiny=tiny, seed=seed, l2_bytes=l2)
+    if case.family == "qwenimage21":
+        from .family21 import Workload21 as make
+    else:
+        make = Workload
+    w = make(case, device, tiny=tiny, seed=seed, l2_bytes=l2)
     cost = case_cost(w)
     res = {"case": case.name, "level": case.level, "shape": case.shape, "batch": case.batch, "mode": case.mode,
            "rank": case.rank, "gc": case.gc, "blocks": case.blocks, "s_img": w.s_img, "s_txt": w.s_txt,
@@ -261,7 +270,7 @@ def _run_model_case(case, providers, device, tiny, quick, ceilings, seed, prefix
         if "ms" in entry and res["blocks_run"] != res["blocks"]:
             entry["full_model_est_ms"] = entry["ms"] / res["blocks_run"] * res["blocks"]
     sizes = SimpleNamespace(case=dataclasses.replace(case, blocks=res["blocks_run"]), dim=res["dim"],
-                            s_img=res["s_img"], s_txt=res["s_txt"], dtype=torch.bfloat16)
+                            s_img=res["s_img"], s_txt=res["s_txt"], dtype=torch.bfloat16, tiny=tiny)
     res.update(case_cost(sizes))  # the blocks' cost (embedders, head and optimizer step are small beside it)
     if ceilings:
         _floor(res, ceilings)

@@ -28,13 +28,13 @@ def _rope(seq, head_dim, offset, device):
     return torch.polar(torch.ones_like(ang), ang).to(torch.complex64).to(device)
 
 
-def draw_lora(model, rank, seed):
+def draw_lora(model, rank, seed, targets=STOCK_LORA_TARGETS):
     """Random LoRA factors (fp32) for every stock target of `model`, A shared within each q/k/v group so the
     merged form (A, cat B) computes exactly the same function. B is nonzero so the LoRA path is live."""
     g = torch.Generator().manual_seed(seed + 1)
     factors = {}
     for name, mod in model.named_modules():
-        target = next((t for t in STOCK_LORA_TARGETS if name == t or name.endswith("." + t)), None)
+        target = next((t for t in targets if name == t or name.endswith("." + t)), None)
         if target is None or not isinstance(mod, torch.nn.Linear):
             continue
         a = torch.randn(rank, mod.in_features, generator=g) / mod.in_features ** 0.5

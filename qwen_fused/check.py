@@ -14,8 +14,9 @@ from math import prod
 import torch
 
 from .cli_util import quiet_diffusers, resolve_device
+from .families import family_of
+from .families import qwenimage21 as q21
 from .fuse import fuse_qkv
-from .names import STREAMS
 from .numerics import rel_err
 from .tiny import random_transformer
 
@@ -37,6 +38,8 @@ class Case:
     img_shapes: tuple  # one sample's [(1, h, w), ...]: target then edit images
     valid_lens: tuple | None = None
     attn_grads_only: bool = False  # weight gradients of the attention only (keeps the CPU run short)
+    layout21: dict | None = None  # Qwen-Image 2.1: `tiny21.random_inputs`'s text/conditions/target/pad (then
+    #                               config is `tiny21.random_transformer`'s, and txt_len/img_shapes are unused)
 
 
 def tiny_cases():
@@ -51,6 +54,32 @@ def tiny_cases():
     ]
 
 
+def tiny21_cases():
+    """Qwen-Image 2.1 (single stream, block-causal attention; empty when diffusers has no 2.1)."""
+    if q21.model_class() is None:
+        return []
+    return [
+        Case("2.1 tiny 2x32, 2 conditions, text mask", dict(attention_head_dim=32), batch=2, txt_len=0,
+             img_shapes=(), layout21=dict(text=(3, 2, 2), conditions=((1, 4, 4), (1, 2, 4)), target=(1, 4, 6),
+                                          pad=(0, 2))),
+        Case("2.1 tiny 2x128, text-to-image", dict(attention_head_dim=128), batch=1, txt_len=0, img_shapes=(),
+             layout21=dict(text=(5,), conditions=(), target=(1, 4, 4))),
+    ]
+
+
+def real_width21_case(device):
+    """One 2.1 block at real width (4096 = 32 x 128, random weights); an edit sized to the device."""
+    if q21.model_class() is None:
+        return []
+    cfg = dict(num_layers=1, attention_head_dim=q21.HEAD_DIM, num_attention_heads=q21.HEADS,
+               in_channels=q21.IN_CHANNELS, out_channels=q21.IN_CHANNELS, context_in_dim=q21.CONTEXT_DIM)
+    if device.type == "cuda":  # a 1024x1024 target and one 1024x1024 condition image, 128 text tokens
+        return [Case("2.1 real width 32x128, edit 1024 (S 8320)", cfg, 1, 0, (),
+                     layout21=dict(text=(8, 120), conditions=((1, 64, 64),), target=(1, 64, 64)))]
+    return [Case("2.1 real width 32x128, small edit (S 52)", cfg, 1, 0, (), attn_grads_only=True,
+                 layout21=dict(text=(3, 9), conditions=((1, 4, 4),), target=(1, 4, 6)))]
+
+
 def real_width_case(device):
     """One block at real width (3072 = 24 x 128, random weights); an edit shape sized to the device."""
     cfg = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128,
@@ -62,7 +91,12 @@ def real_width_case(device):
 
 
 def _build(case: Case, device, seed):
-    model = random_transformer(seed, device=device, **case.config)
+    if case.layout21 is not None:
+        from .families.tiny21 import random_transformer as random21
+
+        model = random21(seed, device=device, **case.config)
+    else:
+        model = random_transformer(seed, device=device, **case.config)
     if case.attn_grads_only:
         for name, p in model.named_parameters():
             p.requires_grad_(".attn." in name)
@@ -70,6 +104,11 @@ def _build(case: Case, device, seed):
 
 
 def _inputs(case: Case, model, device, seed):
+    if case.layout21 is not None:
+        from .families.tiny21 import random_inputs
+
+        kw = random_inputs(model, batch=case.batch, seed=seed, **case.layout21)
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
     g = torch.Generator(device="cpu").manual_seed(seed)
     s_img = sum(prod(s) for s in case.img_shapes)
     cfg = model.config
@@ -98,11 +137,12 @@ def _run(model, inputs, dtype, grad_out):
            "grad hidden_states": kw["hidden_states"].grad.double(),
            "grad encoder_hidden_states": kw["encoder_hidden_states"].grad.double()}
     qkv, other = [], []
+    streams = family_of(model).STREAMS
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        if any(f".{leaf}." in name for merged, parts in STREAMS.items() for leaf in (merged, *parts)):
-            qkv.append((_stock_order_key(name), p.grad.double().flatten()))
+        if any(f".{leaf}." in name for merged, parts in streams.items() for leaf in (merged, *parts)):
+            qkv.append((_stock_order_key(name, streams), p.grad.double().flatten()))
         else:
             other.append((name, p.grad.double().flatten()))
     res["grad q/k/v weights+biases"] = torch.cat([g for _, g in sorted(qkv, key=lambda t: t[0])])
@@ -110,9 +150,9 @@ def _run(model, inputs, dtype, grad_out):
     return res
 
 
-def _stock_order_key(name):
+def _stock_order_key(name, streams):
     """Sort key that lines up fused to_qkv rows with stock to_q, to_k, to_v (same for the text stream)."""
-    for merged, parts in STREAMS.items():
+    for merged, parts in streams.items():
         for i, part in enumerate(parts):
             name = name.replace(f".{part}.", f".{merged}.{i}.")
     block, _, rest = name.partition(".attn.")
@@ -121,12 +161,15 @@ def _stock_order_key(name):
     return (block, stream, leaf, idx)
 
 
-def run_check(device="cpu", dtype="fp32", real_width=True, seed=0, verbose=True):
-    """Run every case; returns (rows, ok). Each row: case, quantity, fused/stock, stock/f64, fused/f64, ok."""
+def run_check(device="cpu", dtype="fp32", real_width=True, seed=0, verbose=True, cases=None):
+    """Run every case (or `cases`); returns (rows, ok). Each row: case, quantity, fused/stock, stock/f64,
+    fused/f64, ok."""
     device = torch.device(device)
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     floor = FLOOR_EPS32 * torch.finfo(torch.float32).eps
-    cases = tiny_cases() + ([real_width_case(device)] if real_width else [])
+    if cases is None:
+        cases = tiny_cases() + ([real_width_case(device)] if real_width else []) + tiny21_cases() + \
+            (real_width21_case(device) if real_width else [])
     rows, ok = [], True
     for case in cases:
         t0 = time.time()
@@ -173,7 +216,8 @@ def add_parser(sub):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--no_real_width", action="store_true", help="skip the 3072-wide block (tiny models only)")
+    p.add_argument("--no_real_width", action="store_true",
+                   help="skip the real-width blocks (Qwen-Image 3072, 2.1 4096 wide; tiny models only)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_main)
 

@@ -343,7 +343,8 @@ def test_model_case_compiled_providers_verify_on_cpu():
 
 # ------------------------------------------------------------------------------------------- bench/gpu_run.sh
 GPU_RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_run.sh")
-STEPS = ["setup", "tests-gpu", "tune", "bench-opblock", "bench-model", "bench-train", "tests-kernel", "host-time"]
+STEPS = ["setup", "tests-gpu", "tune", "bench-opblock", "bench-model", "bench-train", "bench-model21", "tests-kernel",
+         "host-time"]
 
 
 def _plan(tmp_path, **env):
@@ -391,3 +392,75 @@ def test_gpu_run_is_one_call_inside_the_deadline(tmp_path):
 def test_gpu_run_sweep_runs_last_when_asked(tmp_path):
     rows, out = _plan(tmp_path, QF_TILE_SWEEP="128,128,64,8,4")
     assert list(rows)[-1] == "tile-sweep", out
+
+
+# ------------------------------------------------------------------------------------------- Qwen-Image 2.1
+Q21_CASES = ["op/q21-edit-1024/b1/fwd", "block/q21-train-512/b1/fwdbwd-r32-gc", "model/q21-edit-1024/b1/fwd/n32",
+             "model/q21-edit-1024/b1/fwdbwd-r32-gc/n32"]
+
+
+def test_q21_cases_parse_and_have_the_real_sizes():
+    from qwen_fused.bench import family21
+
+    cases = [Case.parse(n) for n in Q21_CASES]
+    assert [c.name for c in cases] == Q21_CASES and {c.family for c in cases} == {"qwenimage21"}
+    assert [Case.parse(n).family for n in registry.Q21_CASES] == ["qwenimage21"] * len(registry.Q21_CASES)
+    assert Case.parse(MODEL_CASES[0]).family == "qwenimage"
+    # a 1024x1024 edit with one 1024x1024 condition image: 64x64 latent tokens each (16x16 pixels a token),
+    # 1024 image slots in the text stream, 128 text tokens: a joint sequence of 8320
+    assert registry.SHAPES["q21-edit-1024"] == (8192, 128)
+    s = family21.Setup21(cases[2], CPU, tiny=False, blocks=32)
+    assert (s.heads, s.head_dim, s.dim) == (32, 128, 4096)
+    assert s.img_shapes[0] == [(1, 64, 64), (1, 64, 64)]
+    assert s.inputs["encoder_hidden_states"].shape == (1, 128 + 1024, 4096)
+    assert s.inputs["img_mask"].shape == (1, 128 + 1024 + 1024) and int(s.inputs["img_mask"].sum()) == 2048
+    assert s.grad_out.shape == (1, 8320, 64)
+    assert "img_mlp.gate_layer" in family21.STOCK_LORA_TARGETS and "to_v" in family21.STOCK_LORA_TARGETS
+
+
+def test_q21_cases_verify_and_time_on_cpu():
+    rec = runner.run([Case.parse(n) for n in Q21_CASES], ["stock", "ours-torch", "ours-swiglu", "ours-blocks"], CPU,
+                     tiny=True, quick=True)
+    json.dumps(rec)
+    for case in rec["cases"]:
+        provs = case["providers"]
+        assert "ours-blocks" not in provs, case["case"]  # Qwen-Image's fuse_blocks: not a 2.1 provider
+        for name in ("stock", "ours-torch"):
+            assert provs[name]["status"] == "ok" and provs[name]["ms"] > 0, (case["case"], provs[name])
+        assert set(provs["ours-torch"]["errors"]) == set(provs["stock"]["errors"])
+    op, block, fwd, train = (c["providers"] for c in rec["cases"])
+    assert set(op["stock"]["errors"]) == {"out0", "out1", "out2"}
+    assert fwd["ours-swiglu"]["status"] == "ok" and train["ours-swiglu"]["status"] == "ok"
+    assert set(train["ours-swiglu"]["errors"]) == set(train["stock"]["errors"])  # gate_up's LoRA split back
+    assert "LoRA" in block["ours-swiglu"]["reason"]
+    assert any(".img_mlp.gate_layer.lora_A." in k for k in block["stock"]["errors"])
+    assert any(".to_qkv.lora_B." in k for k in block["ours-torch"]["errors"])  # merged naming at block level
+    assert any(".attn.to_k.lora_A." in k for k in train["ours-torch"]["errors"])  # stock naming at model level
+    assert rec["cases"][2]["blocks_run"] == model_level.TINY_MAX_BLOCKS and rec["cases"][2]["blocks"] == 32
+    md = report.markdown(rec)
+    assert "model/q21-edit-1024/b1/fwd/n32 | ours-swiglu | ok" in md, md
+    report.terminal_table(rec)
+
+
+def test_q21_wrong_providers_are_reported_not_timed(monkeypatch):
+    import qwen_fused
+
+    monkeypatch.setitem(PROVIDERS, "broken", Provider("broken", "deliberately wrong", _broken_ours))
+    fuse = qwen_fused.fuse_qkv
+
+    def bad_fuse(model):  # the model level fuses in place: a wrong fused weight must fail its verification
+        fuse(model)
+        with torch.no_grad():
+            w = model.transformer_blocks[0].attn.to_qkv.weight
+            w[-w.shape[0] // 3:] *= 1.25  # v 25% too large in the first block
+        return model
+
+    op = runner.run([Case.parse("op/q21-edit-1024/b1/fwd")], ["stock", "broken", "ours-torch"], CPU, tiny=True,
+                    quick=True)["cases"][0]["providers"]
+    assert op["broken"]["status"] == "wrong" and "out1" in op["broken"]["reason"] and "ms" not in op["broken"]
+    assert op["ours-torch"]["status"] == "ok"
+    monkeypatch.setattr(qwen_fused, "fuse_qkv", bad_fuse)
+    model = runner.run([Case.parse("model/q21-edit-1024/b1/fwd/n2")], ["stock", "ours-torch"], CPU, tiny=True,
+                       quick=True)["cases"][0]["providers"]
+    assert model["ours-torch"]["status"] == "wrong" and "ms" not in model["ours-torch"]
+    assert model["stock"]["status"] == "ok"

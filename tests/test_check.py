@@ -35,3 +35,29 @@ def test_unusable_device_is_an_error_line(monkeypatch, capsys):
     assert "qwen-fused check: error: --device cuda: no cuda device available" in err and "--device cpu" in err
     assert main(["check", "--device", "gpu", "--no-real-width"]) == 2
     assert "qwen-fused check: error: --device gpu: not a device name" in capsys.readouterr().err
+
+
+def test_check_runs_qwen_image_21(monkeypatch, capsys):
+    """2.1 is in the default run (tiny models; the real-width block unless --no-real-width), with the same table and
+    criterion; a wrong fused 2.1 model fails."""
+    names = [c.name for c in check.tiny21_cases()]
+    assert len(names) == 2 and [c.name for c in check.real_width21_case(torch.device("cpu"))]
+    monkeypatch.setattr(check, "tiny_cases", lambda: [])  # Qwen-Image's cases: the test above
+    assert main(["check", "--device", "cpu", "--dtype", "fp32", "--no-real-width"]) == 0
+    out = capsys.readouterr().out
+    assert all(n in out for n in names) and "PASS" in out
+    rows, ok = check.run_check("cpu", "fp32", cases=check.tiny21_cases()[:1], verbose=False)
+    assert ok and len(rows) == 5
+    for _, quantity, fused_vs_stock, *_ in rows:  # fp32: fused is stock to rounding
+        assert fused_vs_stock[1] < 1e-5, quantity
+
+    def bad_fuse(model):
+        qwen_fused.fuse_qkv(model)
+        with torch.no_grad():
+            w = model.transformer_blocks[0].attn.to_qkv.weight
+            w.add_(1e-3 * w.abs().max())
+        return model
+
+    monkeypatch.setattr(check, "fuse_qkv", bad_fuse)
+    rows, ok = check.run_check("cpu", "fp32", cases=check.tiny21_cases()[:1], verbose=False)
+    assert not ok and "WORSE" in check.format_table(rows)
