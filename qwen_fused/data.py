@@ -184,14 +184,19 @@ class EncodedCache:
 
 def flatten(sample: dict) -> dict:
     out = {"prompt_embeds": sample["prompt_embeds"], "target": sample["target"]}
+    if "img_mask" in sample:  # Qwen-Image 2.1: the condition-image slots of the text stream
+        out["img_mask"] = sample["img_mask"]
     out.update({f"edit.{i}": e for i, e in enumerate(sample["edits"])})
     return out
 
 
 def unflatten(tensors: dict) -> dict:
     n = sum(1 for k in tensors if k.startswith("edit."))
-    return {"prompt_embeds": tensors["prompt_embeds"], "target": tensors["target"],
-            "edits": [tensors[f"edit.{i}"] for i in range(n)]}
+    out = {"prompt_embeds": tensors["prompt_embeds"], "target": tensors["target"],
+           "edits": [tensors[f"edit.{i}"] for i in range(n)]}
+    if "img_mask" in tensors:
+        out["img_mask"] = tensors["img_mask"]
+    return out
 
 
 class EncodedDataset(torch.utils.data.Dataset):
@@ -254,13 +259,18 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack a same-bucket batch; text embeddings padded to the longest with a 0/1 mask (None when no padding)."""
+    """Stack a same-bucket batch; text embeddings padded to the longest with a 0/1 mask (None when no padding),
+    and Qwen-Image 2.1's `img_mask` padded with False (as `QwenImage21Pipeline._get_qwen_prompt_embeds` pads it)."""
     lengths = [s["prompt_embeds"].shape[0] for s in samples]
     longest = max(lengths)
     embeds = torch.stack([torch.cat([s["prompt_embeds"],
                                      s["prompt_embeds"].new_zeros(longest - n, s["prompt_embeds"].shape[1])])
                           for s, n in zip(samples, lengths)])
     mask = torch.stack([torch.arange(longest) < n for n in lengths]).long()
-    return {"prompt_embeds": embeds, "prompt_embeds_mask": None if bool(mask.all()) else mask,
+    extra = {}
+    if "img_mask" in samples[0]:
+        extra["img_mask"] = torch.stack([torch.cat([s["img_mask"], s["img_mask"].new_zeros(longest - n)])
+                                         for s, n in zip(samples, lengths)])
+    return {**extra, "prompt_embeds": embeds, "prompt_embeds_mask": None if bool(mask.all()) else mask,
             "target": torch.stack([s["target"] for s in samples]),
             "edits": [torch.stack([s["edits"][i] for s in samples]) for i in range(len(samples[0]["edits"]))]}

@@ -1,4 +1,4 @@
-"""`--demo` of `qwen-fused train` and `qwen-fused edit`: a tiny random Qwen-Image-Edit pipeline and synthetic
+"""`--demo` of `qwen-fused train` and `qwen-fused edit`: a tiny random Qwen-Image-Edit (or 2.1) pipeline and synthetic
 images in a temp folder that goes when the process exits (the output the user asked for stays), so that either
 command runs offline in seconds."""
 from __future__ import annotations
@@ -60,12 +60,22 @@ def demo_output_dir() -> str:
     return tempfile.mkdtemp(prefix="qwen-fused-demo-output-")
 
 
+def save_demo_pipeline(path, seed, variant):
+    """The --demo model: a tiny Qwen-Image-Edit pipeline (`qwen_fused.tiny`) or, for "2.1", a tiny
+    `QwenImage21Pipeline` (`qwen_fused.families.tiny21_pipeline`), saved to `path`."""
+    if variant == "2.1":
+        from .families.tiny21_pipeline import save_tiny_pipeline as save21
+
+        return save21(path, seed=seed)
+    from .tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(path, seed=seed, variant=variant)
+
+
 def train_demo_args(args):
     """Fill in a tiny offline training run: a saved tiny pipeline and synthetic data in a temp folder."""
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list, parse_flag_from_env
-
-    from .tiny import save_tiny_pipeline
 
     # under a multi-process launch the main process builds, the others use its folder; `cpu` as Accelerator
     # reads it, so that both see the same distributed set-up (torchrun on CPU: ACCELERATE_USE_CPU=1)
@@ -82,7 +92,7 @@ def train_demo_args(args):
     model_path, data_path = os.path.join(work, "model"), os.path.join(work, "data")
     if state.is_main_process:
         if not args.pretrained_model_name_or_path:
-            save_tiny_pipeline(model_path, seed=args.seed, variant=args.demo_variant)
+            save_demo_pipeline(model_path, args.seed, args.demo_variant)
         if not args.dataset_metadata_path:
             make_demo_dataset(data_path, edits=1 if args.demo_variant == "edit" else 2)
     state.wait_for_everyone()
@@ -109,12 +119,10 @@ def edit_demo_args(args):
     import numpy as np
     from PIL import Image
 
-    from .tiny import save_tiny_pipeline
-
     work = scratch_folder("qwen-fused-edit-demo-")  # model and input image: gone at exit; the output stays
     args.model = args.model or os.path.join(work, "model")
     if not os.path.exists(args.model):
-        save_tiny_pipeline(args.model, seed=args.seed, variant=args.demo_variant)
+        save_demo_pipeline(args.model, args.seed, args.demo_variant)
     if not args.image:
         path = os.path.join(work, "input.png")
         Image.fromarray((np.random.RandomState(args.seed).rand(48, 64, 3) * 255).astype("uint8")).save(path)

@@ -1,4 +1,5 @@
-"""`qwen-fused edit`: image editing with diffusers' Qwen-Image-Edit pipelines, fused attention on by default."""
+"""`qwen-fused edit`: image editing with diffusers' Qwen-Image-Edit pipelines (and `QwenImage21Pipeline` with condition
+images), fused attention on by default."""
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ def add_parser(subparsers):
 
     p = subparsers.add_parser("edit", help="edit an image with Qwen-Image-Edit (fused attention by default)",
                               description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model", help="diffusers folder or hub id of Qwen-Image-Edit, -2509 or -2511")
-    p.add_argument("--image", action="append", default=[], help="condition image; repeat for -2509/-2511")
+    p.add_argument("--model", help="diffusers folder or hub id of Qwen-Image-Edit, -2509, -2511 or Qwen-Image 2.1 "
+                                   "(found from its model_index.json)")
+    p.add_argument("--image", action="append", default=[], help="condition image; repeat for -2509/-2511/2.1")
     p.add_argument("--prompt", help="what to change")
     p.add_argument("--negative_prompt", default=None, help="what to steer away from (turns on true CFG)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
@@ -30,7 +32,7 @@ def add_parser(subparsers):
     p.add_argument("--width", type=int, default=None, help="output width (default: from the last --image and --area)")
     p.add_argument("--area", type=int, default=None,
                    help="pixel area condition images are resized to for the VAE (stock: diffusers' VAE_IMAGE_SIZE, "
-                        "1024 * 1024)")
+                        "1024 * 1024; Qwen-Image 2.1: output_resolution ** 2, for the text encoder too)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", default=None,
@@ -42,8 +44,8 @@ def add_parser(subparsers):
                    help="torch.compile each transformer block (diffusers' compile_repeated_blocks; the first denoising "
                         "step includes the compile time). Default: on with CUDA, off on a CPU")
     p.add_argument("--demo", action="store_true", help="tiny random offline pipeline and a synthetic image")
-    p.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511"],
-                   help="the --demo model: Qwen-Image-Edit, -2509 or -2511")
+    p.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511", "2.1"],
+                   help="the --demo model: Qwen-Image-Edit, -2509, -2511 or Qwen-Image 2.1")
     p.set_defaults(func=run)
     return p
 

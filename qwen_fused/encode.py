@@ -15,6 +15,10 @@ from .pipeline import edit_variant
 @torch.no_grad()
 def encode_sample(pipe, record: D.Record, plan: D.Plan, device) -> dict:
     variant = edit_variant(pipe)
+    if variant == "2.1":  # the family's own encoding (condition images in the text stream, RGBA VAE inputs)
+        from .families.qwenimage21_train import encode_sample as encode21
+
+        return encode21(pipe, record, plan, device)
     ip = pipe.image_processor
     target_img = D.open_rgb(record.image, record.line)
     edit_imgs = [D.open_rgb(p, record.line) for p in record.edit_images]
@@ -64,7 +68,9 @@ def build_dataset(args, pipe, accelerator, records):
     if variant == "edit" and len(records[0].edit_images) != 1:
         raise D.DataError(f"Qwen-Image-Edit takes one edit image per sample; the metadata has "
                           f"{len(records[0].edit_images)} (use -2509/-2511 for several)")
-    plans = [D.plan_sample(r, args.max_pixels, None if variant == "edit" else args.condition_area) for r in records]
+    # Qwen-Image-Edit and 2.1 show the text encoder the VAE-sized condition images (no separate condition area)
+    plans = [D.plan_sample(r, args.max_pixels, None if variant in ("edit", "2.1") else args.condition_area)
+             for r in records]
     device = accelerator.device
     pipe.text_encoder.to(device)
     pipe.vae.to(device)

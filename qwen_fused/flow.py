@@ -20,21 +20,41 @@ def pack(latents):
 class FlowMatching:
     """diffusers' flow-matching timestep sampling, noising and loss weighting, from a scheduler's tables."""
 
-    def __init__(self, scheduler, weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29):
+    def __init__(self, scheduler, weighting_scheme="none", logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                 dynamic_shift=False):
         fresh = type(scheduler).from_config(scheduler.config)  # tables as constructed (no set_timesteps)
         self.timesteps = fresh.timesteps.float()
         self.sigmas = fresh.sigmas.float()
         self.num_train_timesteps = fresh.config.num_train_timesteps
         self.weighting_scheme = weighting_scheme
         self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        # dynamic_shift (Qwen-Image 2.1): shift the sigmas by the image's sequence length as the pipeline's
+        # `set_timesteps(sigmas, mu=calculate_shift(...))` does. Qwen-Image's training keeps the table as it is.
+        self.scheduler = fresh if dynamic_shift and fresh.config.use_dynamic_shifting else None
 
-    def sample(self, batch_size, device):
+    def sample(self, batch_size, device, image_seq_len=None):
+        """(timesteps, sigmas) of `batch_size` samples; with dynamic shifting the sigmas of the unshifted table
+        are shifted for `image_seq_len` target tokens (diffusers' pipeline_qwenimage21.py `__call__` step 4:
+        `mu = calculate_shift(seq_len, scheduler config)`, then the scheduler's `time_shift(mu, 1.0, sigmas)`,
+        timesteps `sigmas * num_train_timesteps`)."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         u = compute_density_for_timestep_sampling(self.weighting_scheme, batch_size, self.logit_mean,
                                                   self.logit_std, self.mode_scale)
         idx = (u * self.num_train_timesteps).long().clamp_(max=self.num_train_timesteps - 1)
-        return self.timesteps[idx].to(device), self.sigmas[idx].to(device)
+        if self.scheduler is None:
+            return self.timesteps[idx].to(device), self.sigmas[idx].to(device)
+        if image_seq_len is None:
+            raise ValueError("FlowMatching with dynamic shifting needs the image sequence length")
+        sigmas = self.scheduler.time_shift(self.mu(image_seq_len), 1.0, self.sigmas[idx])
+        return (sigmas * self.num_train_timesteps).to(device), sigmas.to(device)
+
+    def mu(self, image_seq_len):
+        from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_shift
+
+        c = self.scheduler.config
+        return calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                               c.get("base_shift", 0.5), c.get("max_shift", 1.15))
 
     def loss(self, transformer, batch, dtype=None, noise=None, timesteps=None, sigmas=None):
         """Mean weighted MSE on the target tokens; returns (loss, details). Noise/timesteps drawn if not given;

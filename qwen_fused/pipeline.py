@@ -1,5 +1,5 @@
-"""The stock Qwen-Image-Edit pipelines as `qwen-fused train` and `qwen-fused edit` both use them: loading one from
-a folder, a Hub id or the cache, telling its variant, the PATH[:SCALE] LoRA specs of both CLIs, and calling it with
+"""The stock Qwen-Image-Edit pipelines (and `QwenImage21Pipeline`) as `qwen-fused train` and `qwen-fused edit` both
+use them: loading one from a folder, a Hub id or the cache, telling its variant, the PATH[:SCALE] LoRA specs of both CLIs, and calling it with
 other image areas than the stock constants."""
 from __future__ import annotations
 
@@ -44,14 +44,27 @@ def check_model_path(path, flag):
 
 
 def edit_variant(pipe) -> str:
+    """"edit", "2509", "2511" (Qwen-Image-Edit pipelines) or "2.1" (`QwenImage21Pipeline`): what the train and edit
+    CLIs branch on; found from the loaded pipeline, so from the model folder's config."""
     from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
 
     if isinstance(pipe, QwenImageEditPlusPipeline):
         return "2511" if pipe.transformer.config.get("zero_cond_t") else "2509"
     if isinstance(pipe, QwenImageEditPipeline):
         return "edit"
-    raise TypeError(f"expected a Qwen-Image-Edit pipeline (QwenImageEditPipeline or QwenImageEditPlusPipeline), "
-                    f"got {type(pipe).__name__}")
+    cls21 = _pipeline21()
+    if cls21 is not None and isinstance(pipe, cls21):
+        return "2.1"
+    raise TypeError(f"expected a Qwen-Image-Edit pipeline (QwenImageEditPipeline or QwenImageEditPlusPipeline) or "
+                    f"QwenImage21Pipeline, got {type(pipe).__name__}")
+
+
+def _pipeline21():
+    try:
+        from diffusers import QwenImage21Pipeline
+    except ImportError:  # diffusers < 0.42
+        return None
+    return QwenImage21Pipeline
 
 
 def load_pipeline(path, dtype=torch.float32):
@@ -61,6 +74,9 @@ def load_pipeline(path, dtype=torch.float32):
     from diffusers import DiffusionPipeline
 
     from . import tiny  # noqa: F401  (defines the tiny pipelines' processor class, so saved ones load too)
+
+    if _pipeline21() is not None:
+        from .families import tiny21_pipeline  # noqa: F401  (the same for the tiny 2.1 pipelines)
 
     path = os.fspath(path)
     if not os.path.isdir(path) and _looks_local(path):
@@ -128,6 +144,13 @@ def call_pipeline(pipe, *, area: int | None = None, condition_area: int | None =
     """
     if area is None and condition_area is None:
         return pipe(**kwargs)
+    if edit_variant(pipe) == "2.1":
+        # `QwenImage21Pipeline.__call__` has the area as a parameter: condition images (for the text encoder and
+        # the VAE alike, one resize) and the default output size are `output_resolution ** 2` pixels
+        if condition_area is not None:
+            raise ValueError("Qwen-Image 2.1 resizes condition images once, for the text encoder and the VAE "
+                             "alike: it has no separate condition area")
+        return pipe(**kwargs, output_resolution=round(area ** 0.5))
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE
 
     stock_call = type(pipe).__call__

@@ -23,7 +23,7 @@ from .flow import FlowMatching
 from .pipeline import (call_pipeline, check_lora_path, check_model_path, compile_blocks, edit_variant,
                        load_pipeline, parse_lora_spec)
 from .train_args import DESCRIPTION, add_arguments  # noqa: F401  (add_arguments: this module's API)
-from .train_lora import lora_targets, prepare_transformer
+from .train_lora import DEFAULT_TARGETS, lora_targets, prepare_transformer
 from .train_state import (check_output_dir, first_missing_folder, lora_state, remove_made_folder, resolve_resume,
                           save_checkpoint, save_lora_files, set_lora_state)
 
@@ -212,6 +212,7 @@ def train(args) -> int:
                          f"{D.MULTIPLE} = {D.MULTIPLE ** 2} pixels")
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate:g}")
+    condition_area_given = args.condition_area is not None
     if args.condition_area is None:  # imported here, not for --help: the pipeline module imports transformers
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE
 
@@ -254,6 +255,16 @@ def train(args) -> int:
     weight_dtype = DTYPES[accelerator.mixed_precision]
 
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=weight_dtype)
+    variant = edit_variant(pipe)
+    if variant == "2.1" and condition_area_given:
+        raise ValueError("--condition_area: Qwen-Image 2.1 shows the text encoder the VAE-sized condition images "
+                         "(one resize, as its pipeline does); drop the option")
+    if variant == "2.1" and args.lora_target_modules == DEFAULT_TARGETS:
+        # the option's default is Qwen-Image's list (run.json and resume keep comparing that string); a 2.1 model
+        # has none of its double-stream names and trains its own family's default
+        from .families import qwenimage21
+
+        targets = list(qwenimage21.LORA_TARGETS)
     transformer = prepare_transformer(pipe, args, targets, fused_loras, weight_dtype)
     dataset = build_dataset(args, pipe, accelerator, records)
     transformer.to(accelerator.device)
@@ -312,7 +323,11 @@ def train(args) -> int:
         accelerator.init_trackers("qwen-fused-train", config={k: v for k, v in vars(args).items()
                                                              if isinstance(v, (int, float, str, bool))})
 
-    flow = FlowMatching(pipe.scheduler, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
+    if variant == "2.1":  # the family's batch layout and the scheduler's shift by sequence length
+        from .families.qwenimage21_train import FlowMatching21 as flow_cls
+    else:
+        flow_cls = FlowMatching
+    flow = flow_cls(pipe.scheduler, args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)

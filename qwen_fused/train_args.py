@@ -1,12 +1,15 @@
 """`qwen-fused train` (also `accelerate launch -m qwen_fused.train ...`): LoRA training of Qwen-Image-Edit
-(-2509, -2511) on the fused (merged-QKV) transformer.
+(-2509, -2511) and Qwen-Image 2.1 on the fused (merged-QKV) transformer.
 
 The loss is diffusers' Qwen-Image LoRA training loss (examples/dreambooth/train_dreambooth_lora_qwen_image.py):
 timesteps drawn with `compute_density_for_timestep_sampling` and mapped through the scheduler's own
 sigma table (shifted as its config says), `x_t = (1 - sigma) x0 + sigma noise`, target `noise - x0`,
 `compute_loss_weighting_for_sd3` weights; for editing, the clean condition-image latents follow the noisy target
 tokens in the image stream exactly as the edit pipelines pack them (`img_shapes` one `(1, h, w)` per image;
--2511's `zero_cond_t` is applied by the transformer) and the loss covers the target tokens only.
+-2511's `zero_cond_t` is applied by the transformer) and the loss covers the target tokens only. Qwen-Image 2.1
+(`QwenImage21Pipeline`) trains on its own pipeline's batch: the condition images in the text stream and as VAE
+latents before the noisy target, sigmas shifted by the target's sequence length as its scheduler does
+(qwen_fused/families/qwenimage21_train.py says where each part comes from).
 
 Output folder:
   checkpoint-<step>.safetensors            LoRA, standard layout (to_q/k/v): for diffusers, ComfyUI, `qwen-fused edit`
@@ -32,7 +35,9 @@ DESCRIPTION = __doc__
 
 def add_arguments(p: argparse.ArgumentParser):
     g = p.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", help="diffusers folder or hub id of Qwen-Image-Edit[-2509|-2511]")
+    g.add_argument("--pretrained_model_name_or_path",
+                   help="diffusers folder or hub id of Qwen-Image-Edit[-2509|-2511] or Qwen-Image 2.1 (found from its "
+                        "model_index.json)")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: accelerate's config (bf16 on CUDA is the usual choice)")
     g.add_argument("--fp8_base", "--enable_fp8_training", dest="fp8_base", action="store_true",
@@ -56,7 +61,8 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--lora_alpha", type=float, default=None, help="default: the rank")
     g.add_argument("--lora_target_modules", default=DEFAULT_TARGETS,
                    help="comma-separated module names; to_qkv/add_qkv_proj: one LoRA over the merged projection; "
-                        "to_q,to_k,to_v/add_*_proj: a LoRA each, as stock peft (block-diagonal on to_qkv)")
+                        "to_q,to_k,to_v/add_*_proj: a LoRA each, as stock peft (block-diagonal on to_qkv). Qwen-Image "
+                        "2.1 models train to_qkv,to_out.0,img_mlp.proj,img_mlp.gate_layer,img_mlp.out by default")
     g.add_argument("--lora_fused", action="append", default=[], metavar="PATH[:SCALE]",
                    help="a pretrained LoRA (e.g. Lightning) merged into the base weights before training; repeatable")
     g.add_argument("--resume_from_checkpoint", metavar="DIR|latest",
@@ -108,8 +114,8 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--demo", action="store_true",
                    help="tiny random Qwen-Image-Edit + synthetic data in a temp folder, a few CPU steps, offline "
                         "(rank, steps, image size and save interval default smaller)")
-    g.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511"],
-                   help="the --demo model: Qwen-Image-Edit, -2509 or -2511")
+    g.add_argument("--demo_variant", default="edit", choices=["edit", "2509", "2511", "2.1"],
+                   help="the --demo model: Qwen-Image-Edit, -2509, -2511 or Qwen-Image 2.1")
     return p
 
 

@@ -41,12 +41,13 @@ def add_training_lora(transformer, rank, alpha, targets, init="gaussian"):
     missing = [t for t in targets if t.split(".")[0] not in existing]
     if missing:
         raise ValueError(f"LoRA target modules not in this transformer: {', '.join(missing)}")
-    # the last block's text output is discarded by the transformer: LoRAs there would get no gradient
-    # (and DDP would wait for one forever)
+    # the last block's text output is discarded by the Qwen-Image transformer: LoRAs there would get no gradient
+    # (and DDP would wait for one forever). Qwen-Image 2.1's single-stream blocks have no such modules.
     last = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}"
-    dead = [f"{last}.{n}" for n in DEAD_IN_LAST_BLOCK]
+    modules = dict(transformer.named_modules())
+    dead = [f"{last}.{n}" for n in DEAD_IN_LAST_BLOCK if f"{last}.{n}" in modules]
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                                       init_lora_weights=init, target_modules=targets, exclude_modules=dead))
+                                       init_lora_weights=init, target_modules=targets, exclude_modules=dead or None))
     return transformer
 
 
