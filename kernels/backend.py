@@ -15,7 +15,8 @@
   per-GPU table of measured choices picks one per call (dispatch.py).
 
 This module is the bottom of `kernels/` and knows nothing of the kernels: the op modules (`fused_qkv.py`,
-`block_ops.py`) route each call by this setting and by what the kernels can serve (`use_triton`). Triton is imported lazily there, so the package imports and runs
+`block_ops.py`, `swiglu.py`) route each call by this setting and by what the kernels can serve (`use_triton`,
+`_available.py`). Triton is imported lazily there, so the package imports and runs
 its torch path without triton installed.
 """
 from __future__ import annotations

@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _linear, _torch_block
+from . import _available, _linear, _torch_block
 from .backend import debug_nan, use_triton
 
 __all__ = ["linear_gelu", "linear_gate_residual", "modulated_layernorm"]
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -85,22 +84,14 @@ def _check_per_sample(op, name, t, B, F_, what):
 
 def triton_problem(x: Tensor, tensors: dict) -> str | None:
     """Why the Triton kernels cannot serve a call with input `x` and the other `tensors`, or None when they can."""
-    if x.dtype not in DTYPES:
-        return f"dtype {x.dtype} is not supported by the Triton kernels (float32, float16, bfloat16)"
+    problem = _available.triton_problem(x.device.type, x.dtype)
+    if problem:
+        return problem
     for name, t in tensors.items():
         if t is not None and t.dtype != x.dtype and name not in ("lora_a", "lora_b"):
             return f"{name} dtype {t.dtype} differs from x dtype {x.dtype}"
-    if x.device.type not in ("cuda", "cpu"):
-        return f"device {x.device} is not supported by the Triton kernels (cuda, or cpu under TRITON_INTERPRET=1)"
     if torch.is_autocast_enabled(x.device.type):
         return "autocast is enabled (the kernels take inputs in one dtype)"
-    try:
-        from . import _triton_block
-    except ImportError as e:  # triton not installed
-        return f"triton is not importable ({e})"
-    if x.device.type == "cpu" and not _triton_block.INTERPRETED:
-        return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 in the environment before triton "
-                "is first imported")
     return None
 
 

@@ -38,7 +38,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import _linear, _torch_qkv, dispatch
+from . import _available, _linear, _torch_qkv, dispatch
 from .backend import debug_nan, forced_impl, get_backend, use_triton
 
 __all__ = ["fused_qkv", "joint_qkv", "rope_tables", "check_inputs"]
@@ -120,7 +120,7 @@ def check_inputs(x, weight, bias, heads, norm_q, norm_k, cos, sin, lora_a, lora_
 # the route: the torch path, or the Triton kernels with one of their two forwards (`fused`: one kernel; `gemm`:
 # cuBLAS, then an epilogue kernel), by the backend setting (backend.py) and the per-GPU table (dispatch.py)
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = _available.DTYPES
 
 
 def triton_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
@@ -132,20 +132,9 @@ def triton_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> s
 
 def _find_problem(device_type, dtype, head_dim):
     # depends on nothing that changes within a process (triton's importability, the interpreter flag)
-    if dtype not in DTYPES:
-        return f"dtype {dtype} is not supported by the Triton kernels (float32, float16, bfloat16)"
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+    if dtype in DTYPES and (head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1)):
         return f"head_dim {head_dim} is not a power of two in [16, 256]"
-    if device_type not in ("cuda", "cpu"):
-        return f"device {device_type} is not supported by the Triton kernels (cuda, or cpu under TRITON_INTERPRET=1)"
-    try:
-        from . import _triton_qkv
-    except ImportError as e:  # triton not installed
-        return f"triton is not importable ({e})"
-    if device_type == "cpu" and not _triton_qkv.INTERPRETED:
-        return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 in the environment before triton "
-                "is first imported")
-    return None
+    return _available.triton_problem(device_type, dtype)
 
 
 _cached_problem = functools.lru_cache(maxsize=None)(_find_problem)  # every eager Triton call asks

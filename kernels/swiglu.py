@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _linear, _torch_swiglu
+from . import _available, _linear, _torch_swiglu
 from .backend import debug_nan, use_triton
 
 __all__ = ["swiglu"]
@@ -59,26 +59,15 @@ def check_inputs(x, weight, bias, lora_a, lora_b) -> int:
     return n2 // 2
 
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def triton_problem(x: Tensor, weight: Tensor, bias: Tensor | None) -> str | None:
     """Why the Triton route cannot serve this call, or None when it can."""
-    if x.dtype not in DTYPES:
-        return f"dtype {x.dtype} is not supported by the Triton kernels (float32, float16, bfloat16)"
+    problem = _available.triton_problem(x.device.type, x.dtype)
+    if problem:
+        return problem
     if bias is not None and bias.dtype != x.dtype:
         return f"bias dtype {bias.dtype} differs from x dtype {x.dtype}"
-    if x.device.type not in ("cuda", "cpu"):
-        return f"device {x.device} is not supported by the Triton kernels (cuda, or cpu under TRITON_INTERPRET=1)"
     if torch.is_autocast_enabled(x.device.type):
         return "autocast is enabled (the kernels take inputs in one dtype)"
-    try:
-        from . import _triton_swiglu
-    except ImportError as e:  # triton not installed
-        return f"triton is not importable ({e})"
-    if x.device.type == "cpu" and not _triton_swiglu.INTERPRETED:
-        return ("CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 in the environment before triton "
-                "is first imported")
     return None
 
 
