@@ -32,13 +32,17 @@ SUBCOMMANDS = {
 
 
 def build_parser(only=None) -> argparse.ArgumentParser:
-    """The `qwen-fused` parser with every subcommand, or with `only` that one: `qwen-fused train --help` then
-    imports the train module alone, whose options need neither torch nor diffusers (seconds saved)."""
+    """The `qwen-fused` parser with `only` that subcommand in full: `qwen-fused train --help` then imports the train
+    module alone, whose options need neither torch nor diffusers (seconds saved). Without a subcommand (`--help`, a
+    typo, nothing) the others are bare names, and nothing heavy is imported either: DESCRIPTION lists them."""
     parser = ArgumentParser(prog="qwen-fused", description=DESCRIPTION, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
     for name, module in SUBCOMMANDS.items():
         if only in (None, name):
-            importlib.import_module(module).add_parser(sub)
+            if only is None:
+                sub.add_parser(name)
+            else:
+                importlib.import_module(module).add_parser(sub)
     return parser
 
 

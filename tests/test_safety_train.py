@@ -205,16 +205,18 @@ def test_bad_input_is_one_line(case, needle, model, data, tmp_path, no_model_loa
 # ----------------------------------------------------------------------------------------------------------
 # what users of diffusers' scripts, musubi-tuner and ai-toolkit expect
 
-def test_help_imports_neither_torch_nor_diffusers():
+@pytest.mark.parametrize("argv", [["train", "--help"], ["--help"]], ids=["train", "bare"])
+def test_help_imports_neither_torch_nor_diffusers(argv):
     import subprocess
     import sys
 
     code = ("import sys\nfrom qwen_fused.cli import main\n"
-            "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('torch', 'diffusers', 'accelerate', 'transformers') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "Output folder:" in res.stdout and "--checkpoints_total_limit" in res.stdout
+    shown = ("Output folder:", "--checkpoints_total_limit") if argv[0] == "train" else ("qwen-fused train", "COMMAND")
+    assert all(s in res.stdout for s in shown), res.stdout[-1000:]
     assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-300:]
 
 

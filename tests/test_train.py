@@ -642,7 +642,7 @@ def subcommand_parser(name):
 
     from qwen_fused.cli import build_parser
 
-    parser = build_parser()
+    parser = build_parser(name)
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return parser, sub.choices[name]
 
