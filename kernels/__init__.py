@@ -17,16 +17,28 @@ if __name__ == "qwen_fused.kernels":
     from .fused_qkv import fused_qkv, joint_qkv, rope_tables
 else:
     # Imported as a top-level `kernels`: the repo root is on sys.path (`python -m pytest` run there) and
-    # transformers imports `kernels` to probe for Hugging Face's package. Importing our modules a second time
-    # would register the torch ops twice (the second copy wins, with its own backend setting), so hand back
-    # the installed package, or stay an empty module when it is not installed.
+    # transformers imports `kernels` for Hugging Face's package of that name (transformers >= 5.25 requires it and
+    # imports names from it). Stand aside: hand back Hugging Face's package when it is installed, else the installed
+    # `qwen_fused.kernels` (importing our modules a second time would register the torch ops twice, the second copy
+    # winning with its own backend setting), else stay an empty module.
     import importlib as _importlib
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
     import sys as _sys
 
-    try:
-        _sys.modules[__name__] = _importlib.import_module("qwen_fused.kernels")
-    except ImportError:
-        pass
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        __name__, [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root])
+    if _spec is not None:
+        _module = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _module
+        _spec.loader.exec_module(_module)
+    else:
+        try:
+            _sys.modules[__name__] = _importlib.import_module("qwen_fused.kernels")
+        except ImportError:
+            pass
 
 __all__ = ["fused_qkv", "fused_qkv_torch", "joint_qkv", "qkv_epilogue", "rope_tables", "set_backend", "get_backend",
            "BackendError", "linear_gelu", "linear_gate_residual", "modulated_layernorm"]

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def test_kernels_import_without_diffusers_or_peft():
     code = ("import sys, qwen_fused.kernels\n"
@@ -131,3 +133,20 @@ def test_bench_uses_only_public_names_of_the_package():
                 continue
             private = [p for p in full.split(".") + list(names) if p.startswith("_")]
             assert not private, f"{path.name} imports private {full} {names}"
+
+
+@pytest.mark.parametrize("hf_kernels", [True, False], ids=["hf-kernels-installed", "not-installed"])
+def test_repo_root_on_sys_path_does_not_shadow_hugging_faces_kernels(tmp_path, hf_kernels):
+    """`python -m pytest` (or any `python -m`) run in a checkout puts the repo root, and so our `kernels/` folder,
+    first on sys.path; transformers >= 5.25 then imports Hugging Face's `kernels` and names from it. The folder
+    must stand aside for that package, and otherwise hand back the installed `qwen_fused.kernels`."""
+    site = tmp_path / "site"
+    if hf_kernels:  # a stand-in for Hugging Face's package
+        (site / "kernels").mkdir(parents=True)
+        (site / "kernels" / "__init__.py").write_text("from kernels.sub import CUDAProperties\n")
+        (site / "kernels" / "sub.py").write_text("CUDAProperties = 'hf'\n")
+    code = ("import sys; sys.path.insert(1, %r)\nimport kernels\n"
+            "print(getattr(kernels, 'CUDAProperties', None), kernels.__name__)" % str(site))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == (["hf", "kernels"] if hf_kernels else ["None", "qwen_fused.kernels"])
