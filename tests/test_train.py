@@ -820,12 +820,14 @@ def test_demo_leaves_nothing_in_temp(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("variant", ["edit", "2.1"])
+def test_ddp_two_cpu_processes(tmp_path, variant):
     """DDP with 2 CPU processes (gloo). `accelerate launch --cpu` starts a single process without MPI, so the
     processes come from torchrun; accelerate picks MULTI_CPU from its environment."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "qwen_fused.train", "--demo", "--output_dir", str(out), "--max_train_steps", "3", "--save_steps", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           "29517" if variant == "edit" else "29518", "-m", "qwen_fused.train", "--demo", "--demo_variant", variant,
+           "--output_dir", str(out), "--max_train_steps", "3", "--save_steps", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, ACCELERATE_USE_CPU="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert os.path.isfile(out / "checkpoint-final.safetensors")
