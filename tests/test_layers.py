@@ -151,7 +151,8 @@ def test_repo_root_on_sys_path_does_not_shadow_hugging_faces_kernels(tmp_path, h
             "m.PathFinder.find_spec = classmethod(lambda cls, name, path=None, target=None: None "
             "if name == 'kernels' and path is not None else find(name, path, target))\n")
     code = ("import sys; sys.path.insert(1, %r)\n%simport kernels\n"
-            "print(getattr(kernels, 'CUDAProperties', None), kernels.__name__)" % (str(site), "" if hf_kernels else hide))
+            "print(getattr(kernels, 'CUDAProperties', None), kernels.__name__)"
+            % (str(site), "" if hf_kernels else hide))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == (["hf", "kernels"] if hf_kernels else ["None", "qwen_fused.kernels"])
