@@ -1,8 +1,5 @@
-"""`qwen-fused check`: stock diffusers vs fused, side by side, each against a float64 run.
-
-For outputs and gradients it prints max and RMS relative error of fused vs stock, stock vs float64 and
-fused vs float64, and exits non-zero if fused is further from float64 than stock is.
-"""
+"""The run of `qwen-fused check` (its options, without torch: check_cli.py): stock diffusers vs fused, side by side,
+each against a float64 run, for outputs and gradients; non-zero exit if fused is further from float64 than stock."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +10,7 @@ from math import prod
 
 import torch
 
+from . import check_cli
 from .cli_util import quiet_diffusers, resolve_device
 from .families import family_of
 from .families import qwenimage21 as q21
@@ -20,8 +18,7 @@ from .fuse import fuse_qkv
 from .numerics import rel_err
 from .tiny import random_transformer
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, dtype) for name, dtype in check_cli.DTYPES.items()}
 # fused may be this much further from float64 than stock before the check fails: a relative margin for
 # rounding noise plus an absolute floor of a few fp32 epsilons. Every path accumulates in fp32, whose summation
 # order changes with the thread count (on 2 CPU threads one fp32 gradient was 1.0e-6 from float64 for stock and
@@ -210,19 +207,8 @@ def format_table(rows) -> str:
     return "\n".join([line(head), line(tuple("-" * w for w in widths))] + [line(r) for r in body])
 
 
-def add_parser(sub):
-    p = sub.add_parser("check", help="equivalence suite: stock diffusers vs fused, both vs float64",
-                       description=__doc__)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
-    p.add_argument("--no_real_width", action="store_true",
-                   help="skip the real-width blocks (Qwen-Image 3072, 2.1 4096 wide; tiny models only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
+def run_command(args) -> int:
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolve_device(args.device)
     except ValueError as e:

@@ -23,7 +23,7 @@ Qwen-Image and Qwen-Image-Edit with fused q/k/v attention: the same results as d
 
 # subcommand -> module under qwen_fused that defines add_parser(subparsers) and sets `func` on its parser
 SUBCOMMANDS = {
-    "check": "qwen_fused.check",
+    "check": "qwen_fused.check_cli",  # the options without torch; the run: qwen_fused.check
     "convert": "qwen_fused.convert_cli",
     "train": "qwen_fused.train_args",  # the options without torch; the run: qwen_fused.train
     "edit": "qwen_fused.edit",

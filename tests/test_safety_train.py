@@ -205,7 +205,7 @@ def test_bad_input_is_one_line(case, needle, model, data, tmp_path, no_model_loa
 # ----------------------------------------------------------------------------------------------------------
 # what users of diffusers' scripts, musubi-tuner and ai-toolkit expect
 
-@pytest.mark.parametrize("argv", [["train", "--help"], ["--help"]], ids=["train", "bare"])
+@pytest.mark.parametrize("argv", [["train", "--help"], ["check", "--help"], ["--help"]], ids=["train", "check", "bare"])
 def test_help_imports_neither_torch_nor_diffusers(argv):
     import subprocess
     import sys
@@ -215,7 +215,8 @@ def test_help_imports_neither_torch_nor_diffusers(argv):
             "print(sorted(m for m in ('torch', 'diffusers', 'accelerate', 'transformers') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    shown = ("Output folder:", "--checkpoints_total_limit") if argv[0] == "train" else ("qwen-fused train", "COMMAND")
+    shown = {"train": ("Output folder:", "--checkpoints_total_limit"), "check": ("float64", "--no_real_width"),
+             "--help": ("qwen-fused train", "COMMAND")}[argv[0]]
     assert all(s in res.stdout for s in shown), res.stdout[-1000:]
     assert res.stdout.strip().splitlines()[-1] == "[]", res.stdout[-300:]
 
