@@ -21,6 +21,8 @@ import torch
 # module, so ProcessorMixin must be importable from here
 from transformers import ProcessorMixin, Qwen2VLProcessor  # noqa: F401
 
+from .numerics import random_parameters
+
 VARIANTS = ("edit", "2509", "2511")
 # Qwen2 special tokens at their ids in the real vocabulary (the prompt templates use im_start/im_end,
 # vision_start/vision_end and image_pad; the text encoder's config points at these ids)
@@ -48,33 +50,17 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
 def random_transformer(seed: int = 0, *, dtype=torch.float32, device="cpu", **config):
     """A `QwenImageTransformer2DModel` (`TINY_CONFIG` updated by `config`) with random weights, in eval mode.
 
-    The one builder of random transformers for tests, `check`, the benchmarks and the tiny pipelines. Weights
-    are N(0, 1/fan_in), biases N(0, 0.1), norm weights U(0.5, 1.5): every parameter matters (a norm weight of
-    exactly 1 or a zero bias would hide a missing multiply or add) and activations stay O(1) at any width.
-    Parameters are created on the meta device and drawn one at a time in float32 on `device`, then rounded to
-    `dtype`: the same seed gives the same weights in every dtype (rounded), and a 60-block model never exists
-    in float32. The RoPE tables are plain tensors, built for real.
+    The one builder of random transformers for tests, `check`, the benchmarks and the tiny pipelines (2.1's:
+    `families/tiny21.py`). Parameters are created on the meta device and drawn by `numerics.random_parameters`
+    (every one matters, activations stay O(1), the same seed gives the same weights in every dtype). The RoPE
+    tables are plain tensors, built for real.
     """
     from accelerate import init_empty_weights
     from diffusers import QwenImageTransformer2DModel
 
     with init_empty_weights(include_buffers=False):
         model = QwenImageTransformer2DModel(**{**TINY_CONFIG, **config})
-    device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    for module_name, mod in model.named_modules():
-        for name, p in list(mod._parameters.items()):
-            if p is None:
-                continue
-            t = torch.empty(p.shape, device=device, dtype=torch.float32)
-            if p.dim() > 1:
-                t.normal_(0, p.shape[1] ** -0.5, generator=g)
-            elif name == "weight" and "norm" in f"{module_name}.{name}":
-                t.uniform_(0.5, 1.5, generator=g)
-            else:
-                t.normal_(0, 0.1, generator=g)
-            mod._parameters[name] = torch.nn.Parameter(t.to(dtype), requires_grad=p.requires_grad)
-    return model.to(device).eval()
+    return random_parameters(model, seed, dtype, device).to(device).eval()
 
 
 def tiny_vae(seed: int = 0):

@@ -13,15 +13,16 @@ def test_check_passes_and_prints_table(capsys):
     assert "PASS" in out and "grad q/k/v weights+biases" in out and "fused vs f64" in out
 
 
-def test_check_fails_when_fused_is_worse(monkeypatch):
-    def bad_fuse(model):
-        qwen_fused.fuse_qkv(model)
-        with torch.no_grad():
-            w = model.transformer_blocks[0].attn.to_qkv.weight
-            w.add_(1e-3 * w.abs().max())
-        return model
+def _fuse_then_perturb(model):
+    qwen_fused.fuse_qkv(model)
+    with torch.no_grad():
+        w = model.transformer_blocks[0].attn.to_qkv.weight
+        w.add_(1e-3 * w.abs().max())
+    return model
 
-    monkeypatch.setattr(check, "fuse_qkv", bad_fuse)
+
+def test_check_fails_when_fused_is_worse(monkeypatch):
+    monkeypatch.setattr(check, "fuse_qkv", _fuse_then_perturb)
     rows, ok = check.run_check("cpu", "fp32", real_width=False, verbose=False)
     assert not ok
     assert any(not good for *_, good in rows)
@@ -51,13 +52,6 @@ def test_check_runs_qwen_image_21(monkeypatch, capsys):
     for _, quantity, fused_vs_stock, *_ in rows:  # fp32: fused is stock to rounding
         assert fused_vs_stock[1] < 1e-5, quantity
 
-    def bad_fuse(model):
-        qwen_fused.fuse_qkv(model)
-        with torch.no_grad():
-            w = model.transformer_blocks[0].attn.to_qkv.weight
-            w.add_(1e-3 * w.abs().max())
-        return model
-
-    monkeypatch.setattr(check, "fuse_qkv", bad_fuse)
+    monkeypatch.setattr(check, "fuse_qkv", _fuse_then_perturb)
     rows, ok = check.run_check("cpu", "fp32", cases=check.tiny21_cases()[:1], verbose=False)
     assert not ok and "WORSE" in check.format_table(rows)

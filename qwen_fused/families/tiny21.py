@@ -10,6 +10,8 @@ from math import prod
 
 import torch
 
+from ..numerics import random_parameters
+
 TINY_CONFIG = dict(patch_size=1, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=32,
                    num_attention_heads=2, context_in_dim=16, mlp_ratio=3)
 TOKENS_PER_SLOT = 4  # one vision-language image slot stands for 2x2 latent tokens (diffusers' _IMG_TOKENS_PER_SLOT)
@@ -22,8 +24,7 @@ def rope_axes(head_dim: int) -> tuple[int, int, int]:
 
 def random_transformer(seed: int = 0, *, dtype=torch.float32, device="cpu", **config):
     """A `QwenImage21Transformer2DModel` (`TINY_CONFIG` updated by `config`; `axes_dims_rope` follows
-    `attention_head_dim` unless given) with random weights, in eval mode. Built on the meta device and drawn
-    parameter by parameter in float32, then rounded to `dtype`."""
+    `attention_head_dim` unless given) with random weights (`numerics.random_parameters`), in eval mode."""
     from accelerate import init_empty_weights
     from diffusers import QwenImage21Transformer2DModel
 
@@ -31,19 +32,8 @@ def random_transformer(seed: int = 0, *, dtype=torch.float32, device="cpu", **co
     config.setdefault("axes_dims_rope", rope_axes(config["attention_head_dim"]))
     with init_empty_weights(include_buffers=False):
         model = QwenImage21Transformer2DModel(**config)
-    device = torch.device(device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    for module_name, mod in model.named_modules():
-        for name, p in list(mod._parameters.items()):
-            if p is None:
-                continue
-            t = torch.empty(p.shape, device=device, dtype=torch.float32)
-            if p.dim() > 1:
-                t.normal_(0, p.shape[1] ** -0.5, generator=g)
-            else:  # 2.1 has no biases: every 1-d parameter is a norm weight
-                t.uniform_(0.5, 1.5, generator=g)
-            mod._parameters[name] = torch.nn.Parameter(t.to(dtype), requires_grad=p.requires_grad)
-    return model.to(device).eval()
+    # every 1-d parameter of 2.1 is a norm weight (it has no biases): drawn as Qwen-Image's norm weights are
+    return random_parameters(model, seed, dtype, device).to(device).eval()
 
 
 def random_inputs(model, *, batch=2, text=(3, 2), conditions=((1, 4, 4),), target=(1, 4, 6), pad=None, seed=1,
