@@ -19,11 +19,16 @@ from .numerics import rel_err
 from .tiny import random_transformer
 
 DTYPES = {name: getattr(torch, dtype) for name, dtype in check_cli.DTYPES.items()}
-# fused may be this much further from float64 than stock before the check fails: a relative margin for
-# rounding noise plus an absolute floor of a few fp32 epsilons. Every path accumulates in fp32, whose summation
+# fused may be this much further from float64 than stock before the check fails (max, RMS): a relative margin
+# for rounding noise plus an absolute floor of a few fp32 epsilons. Every path accumulates in fp32, whose summation
 # order changes with the thread count (on 2 CPU threads one fp32 gradient was 1.0e-6 from float64 for stock and
 # 1.4e-6 for fused, 8 and 12 fp32 eps; on 1 thread it passed the relative margin alone).
-MARGIN, FLOOR_EPS32 = 1.25, 4
+MARGIN, FLOOR_EPS32 = {"fp32": (1.25, 1.25), "16-bit": (2.0, 1.25)}, 4
+# In bf16/fp16 a tiny case pools its errors over SEEDS16 random models and inputs: one seed's ratio to stock
+# scattered up to 1.26 (RMS) and 1.87 (max) with nothing wrong. Pooled, on CPU (4 base seeds x 4 tiny cases), it
+# was at most 1.08 RMS and 1.42 max, while scaling to_qkv's weights by 1 + 1/64 gave 1.19-1.24 RMS, by 1 + 1/32
+# more (the max is one element: noisy, hence its wider margin).
+SEEDS16 = 8
 
 
 @dataclass
@@ -37,6 +42,7 @@ class Case:
     attn_grads_only: bool = False  # weight gradients of the attention only (keeps the CPU run short)
     layout21: dict | None = None  # Qwen-Image 2.1: `tiny21.random_inputs`'s text/conditions/target/pad (then
     #                               config is `tiny21.random_transformer`'s, and txt_len/img_shapes are unused)
+    seeds16: int = SEEDS16  # in bf16/fp16, errors pooled over this many random models and inputs
 
 
 def tiny_cases():
@@ -71,9 +77,9 @@ def real_width21_case(device):
     cfg = dict(num_layers=1, attention_head_dim=q21.HEAD_DIM, num_attention_heads=q21.HEADS,
                in_channels=q21.IN_CHANNELS, out_channels=q21.IN_CHANNELS, context_in_dim=q21.CONTEXT_DIM)
     if device.type == "cuda":  # a 1024x1024 target and one 1024x1024 condition image, 128 text tokens
-        return [Case("2.1 real width 32x128, edit 1024 (S 8320)", cfg, 1, 0, (),
+        return [Case("2.1 real width 32x128, edit 1024 (S 8320)", cfg, 1, 0, (), seeds16=1,
                      layout21=dict(text=(8, 120), conditions=((1, 64, 64),), target=(1, 64, 64)))]
-    return [Case("2.1 real width 32x128, small edit (S 52)", cfg, 1, 0, (), attn_grads_only=True,
+    return [Case("2.1 real width 32x128, small edit (S 52)", cfg, 1, 0, (), attn_grads_only=True, seeds16=1,
                  layout21=dict(text=(3, 9), conditions=((1, 4, 4),), target=(1, 4, 6)))]
 
 
@@ -82,9 +88,10 @@ def real_width_case(device):
     cfg = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=1, attention_head_dim=128,
                num_attention_heads=24, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
     if device.type == "cuda":  # 1024x1024 target + one 1024x1024 edit image, a long prompt
-        return Case("real width 24x128, edit 1024 (S_img 8192, S_txt 512)", cfg, 1, 512, ((1, 64, 64),) * 2)
+        return Case("real width 24x128, edit 1024 (S_img 8192, S_txt 512)", cfg, 1, 512, ((1, 64, 64),) * 2,
+                    seeds16=1)
     return Case("real width 24x128, small edit (S_img 136, S_txt 29)", cfg, 1, 29, ((1, 8, 9), (1, 8, 8)),
-                attn_grads_only=True)
+                attn_grads_only=True, seeds16=1)
 
 
 def _build(case: Case, device, seed):
@@ -158,37 +165,51 @@ def _stock_order_key(name, streams):
     return (block, stream, leaf, idx)
 
 
+def _margin(dt):
+    return MARGIN["16-bit" if dt.itemsize < 4 else "fp32"]
+
+
+def _one_seed(case: Case, device, dt, seed):
+    """{quantity: float64 tensor} of the float64, stock and fused runs of `case` at `seed`."""
+    # The float64 run gets the very weights, inputs and output gradient that the dt runs get (rounded to dt,
+    # then widened exactly), so each error is the arithmetic of one run alone. Given unrounded data instead,
+    # bf16's input rounding dominated both errors alike: a 6% scale error on to_qkv's weights passed.
+    with quiet_diffusers():
+        stock = _build(case, device, seed).to(dt)
+        inputs = {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v)
+                  for k, v in _inputs(case, stock, device, seed + 1).items()}
+        ref64 = copy.deepcopy(stock).double()
+        fused = fuse_qkv(copy.deepcopy(stock))
+    with torch.no_grad():
+        probe = ref64(**{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
+                         for k, v in inputs.items()}).sample
+    grad_out = torch.randn(probe.shape, generator=torch.Generator().manual_seed(seed + 2)).to(dt).to(device)
+    r = _run(ref64, inputs, torch.float64, grad_out)
+    del ref64
+    s = _run(stock, inputs, dt, grad_out)
+    del stock
+    return r, s, _run(fused, inputs, dt, grad_out)
+
+
 def run_check(device="cpu", dtype="fp32", real_width=True, seed=0, verbose=True, cases=None):
     """Run every case (or `cases`); returns (rows, ok). Each row: case, quantity, fused/stock, stock/f64,
     fused/f64, ok."""
     device = torch.device(device)
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     floor = FLOOR_EPS32 * torch.finfo(torch.float32).eps
+    margin = _margin(dt)
     if cases is None:
         cases = tiny_cases() + ([real_width_case(device)] if real_width else []) + tiny21_cases() + \
             (real_width21_case(device) if real_width else [])
     rows, ok = [], True
     for case in cases:
         t0 = time.time()
-        stock = _build(case, device, seed)
-        inputs = _inputs(case, stock, device, seed + 1)
-        with quiet_diffusers():
-            ref64 = copy.deepcopy(stock).double()
-            fused = fuse_qkv(copy.deepcopy(stock).to(dt))
-            stock = stock.to(dt)
-        with torch.no_grad():
-            probe = ref64(**{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
-                             for k, v in inputs.items()}).sample
-        grad_out = torch.randn(probe.shape, generator=torch.Generator().manual_seed(seed + 2)).to(device)
-        r = _run(ref64, inputs, torch.float64, grad_out)
-        del ref64
-        s = _run(stock, inputs, dt, grad_out)
-        del stock
-        f = _run(fused, inputs, dt, grad_out)
-        del fused
-        for q in r:
-            fs, sr, fr = rel_err(f[q], s[q]), rel_err(s[q], r[q]), rel_err(f[q], r[q])
-            good = all(fr[i] <= MARGIN * sr[i] + floor for i in (0, 1))
+        runs = [_one_seed(case, device, dt, seed + 3 * i)
+                for i in range(case.seeds16 if _margin(dt) is MARGIN["16-bit"] else 1)]
+        for q in runs[0][0]:
+            r, s, f = (torch.cat([run[j][q].flatten() for run in runs]) for j in range(3))
+            fs, sr, fr = rel_err(f, s), rel_err(s, r), rel_err(f, r)
+            good = all(fr[i] <= margin[i] * sr[i] + floor for i in (0, 1))
             ok &= good
             rows.append((case.name, q, fs, sr, fr, good))
         if verbose:
@@ -215,11 +236,14 @@ def run_command(args) -> int:
         print(f"qwen-fused check: error: {e}", file=sys.stderr)
         return 2
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    print(f"qwen-fused check on {args.device}, {dtype}: stock diffusers vs fused, each vs a float64 run")
+    sixteen = _margin(DTYPES[dtype]) is MARGIN["16-bit"]
+    print(f"qwen-fused check on {args.device}, {dtype}: stock diffusers vs fused, each vs a float64 run on the "
+          f"same {dtype} weights and inputs" + (f" (tiny cases: {SEEDS16} seeds pooled)" if sixteen else ""))
     rows, ok = run_check(args.device, dtype, real_width=not args.no_real_width, seed=args.seed)
     print(format_table(rows))
-    allowed = (f"{MARGIN:g}x stock's error vs float64 + {FLOOR_EPS32} fp32 eps "
-               f"({FLOOR_EPS32 * torch.finfo(torch.float32).eps:.1e}), max and RMS")
+    m_max, m_rms = _margin(DTYPES[dtype])
+    allowed = (f"{m_max:g}x (max) / {m_rms:g}x (RMS) stock's error vs float64 + {FLOOR_EPS32} fp32 eps "
+               f"({FLOOR_EPS32 * torch.finfo(torch.float32).eps:.1e})")
     print(f"\nPASS: fused is within {allowed} on every row (rounding noise: fused may be slightly further than "
           f"stock on some rows)" if ok else
           f"\nFAIL: fused is further from float64 than {allowed} on the rows marked WORSE")

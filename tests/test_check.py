@@ -55,3 +55,23 @@ def test_check_runs_qwen_image_21(monkeypatch, capsys):
     monkeypatch.setattr(check, "fuse_qkv", _fuse_then_perturb)
     rows, ok = check.run_check("cpu", "fp32", cases=check.tiny21_cases()[:1], verbose=False)
     assert not ok and "WORSE" in check.format_table(rows)
+
+
+def _fuse_then_scale(model, factor=1 + 1 / 32):
+    qwen_fused.fuse_qkv(model)
+    with torch.no_grad():
+        for block in model.transformer_blocks:
+            block.attn.to_qkv.weight.mul_(factor)
+    return model
+
+
+def test_bf16_check_passes_and_catches_a_small_error(monkeypatch):
+    """bf16: the float64 run gets the same rounded weights and inputs, and tiny cases pool several seeds, so the real
+    fused model passes and a 3% scale error on to_qkv fails (with unrounded float64 inputs a 6% error passed)."""
+    cases = [check.tiny_cases()[0], check.tiny21_cases()[0]]
+    rows, ok = check.run_check("cpu", "bf16", cases=cases, verbose=False)
+    assert ok, check.format_table(rows)
+    monkeypatch.setattr(check, "fuse_qkv", _fuse_then_scale)
+    rows, ok = check.run_check("cpu", "bf16", cases=cases, verbose=False)
+    assert not ok
+    assert {c for c, *_, good in rows if not good} == {c.name for c in cases}, check.format_table(rows)
