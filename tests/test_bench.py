@@ -343,7 +343,7 @@ def test_model_case_compiled_providers_verify_on_cpu():
 
 # ------------------------------------------------------------------------------------------- bench/gpu_run.sh
 GPU_RUN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_run.sh")
-STEPS = ["setup", "tests-gpu", "tune", "bench-opblock", "bench-model", "bench-train", "bench-model21", "tests-kernel",
+STEPS = ["setup", "tests-gpu", "check", "tune", "bench-opblock", "bench-model", "bench-train", "bench-model21", "tests-kernel",
          "host-time"]
 
 
