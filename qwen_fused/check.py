@@ -141,14 +141,19 @@ def _run(model, inputs, dtype, grad_out):
            "grad hidden_states": kw["hidden_states"].grad.double(),
            "grad encoder_hidden_states": kw["encoder_hidden_states"].grad.double()}
     qkv, other = [], []
-    streams = family_of(model).STREAMS
+    family = family_of(model)
+    streams, extra = family.STREAMS, getattr(family, "MERGED_LINEARS", {})
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
         if any(f".{leaf}." in name for merged, parts in streams.items() for leaf in (merged, *parts)):
             qkv.append((_stock_order_key(name, streams), p.grad.double().flatten()))
-        else:
-            other.append((name, p.grad.double().flatten()))
+            continue
+        # an opt-in merged projection (2.1's img_mlp.gate_up): its row blocks under the stock parts' names
+        merged = next((m for m in extra if f".{m}." in name), None)
+        parts = extra[merged][0] if merged else (None,)
+        for part, g in zip(parts, p.grad.chunk(len(parts))):
+            other.append((name.replace(merged, part) if part else name, g.double().flatten()))
     res["grad q/k/v weights+biases"] = torch.cat([g for _, g in sorted(qkv, key=lambda t: t[0])])
     res["grad other parameters"] = torch.cat([g for _, g in sorted(other, key=lambda t: t[0])])
     return res
@@ -169,8 +174,8 @@ def _margin(dt):
     return MARGIN["16-bit" if dt.itemsize < 4 else "fp32"]
 
 
-def _one_seed(case: Case, device, dt, seed):
-    """{quantity: float64 tensor} of the float64, stock and fused runs of `case` at `seed`."""
+def _one_seed(case: Case, device, dt, seed, fuse):
+    """{quantity: float64 tensor} of the float64, stock and fused (`fuse(stock copy)`) runs of `case` at `seed`."""
     # The float64 run gets the very weights, inputs and output gradient that the dt runs get (rounded to dt,
     # then widened exactly), so each error is the arithmetic of one run alone. Given unrounded data instead,
     # bf16's input rounding dominated both errors alike: a 6% scale error on to_qkv's weights passed.
@@ -179,7 +184,7 @@ def _one_seed(case: Case, device, dt, seed):
         inputs = {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v)
                   for k, v in _inputs(case, stock, device, seed + 1).items()}
         ref64 = copy.deepcopy(stock).double()
-        fused = fuse_qkv(copy.deepcopy(stock))
+        fused = (fuse or fuse_qkv)(copy.deepcopy(stock))
     with torch.no_grad():
         probe = ref64(**{k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v)
                          for k, v in inputs.items()}).sample
@@ -191,9 +196,9 @@ def _one_seed(case: Case, device, dt, seed):
     return r, s, _run(fused, inputs, dt, grad_out)
 
 
-def run_check(device="cpu", dtype="fp32", real_width=True, seed=0, verbose=True, cases=None):
+def run_check(device="cpu", dtype="fp32", real_width=True, seed=0, verbose=True, cases=None, fuse=None):
     """Run every case (or `cases`); returns (rows, ok). Each row: case, quantity, fused/stock, stock/f64,
-    fused/f64, ok."""
+    fused/f64, ok. `fuse(model) -> model` makes the fused model (default `fuse_qkv`; e.g. with `fuse_swiglu`)."""
     device = torch.device(device)
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     floor = FLOOR_EPS32 * torch.finfo(torch.float32).eps
@@ -204,7 +209,7 @@ def run_check(device="cpu", dtype="fp32", real_width=True, seed=0, verbose=True,
     rows, ok = [], True
     for case in cases:
         t0 = time.time()
-        runs = [_one_seed(case, device, dt, seed + 3 * i)
+        runs = [_one_seed(case, device, dt, seed + 3 * i, fuse)
                 for i in range(case.seeds16 if _margin(dt) is MARGIN["16-bit"] else 1)]
         for q in runs[0][0]:
             r, s, f = (torch.cat([run[j][q].flatten() for run in runs]) for j in range(3))

@@ -75,3 +75,16 @@ def test_bf16_check_passes_and_catches_a_small_error(monkeypatch):
     rows, ok = check.run_check("cpu", "bf16", cases=cases, verbose=False)
     assert not ok
     assert {c for c, *_, good in rows if not good} == {c.name for c in cases}, check.format_table(rows)
+
+
+def test_merged_swiglu_passes_in_fp32_and_bf16():
+    """2.1's opt-in merged SwiGLU (on top of fused QKV): each gate_up gradient is lined up with stock's gate_layer /
+    proj, and the model is stock to fp32 rounding and no further from float64 than stock in bf16."""
+    def fuse(model):
+        return qwen_fused.fuse_swiglu(qwen_fused.fuse_qkv(model))
+
+    for dtype in ("fp32", "bf16"):
+        rows, ok = check.run_check("cpu", dtype, cases=check.tiny21_cases(), verbose=False, fuse=fuse)
+        assert ok, check.format_table(rows)
+        if dtype == "fp32":
+            assert all(fused_vs_stock[1] < 1e-5 for _, _, fused_vs_stock, *_ in rows), check.format_table(rows)
