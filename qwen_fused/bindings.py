@@ -8,8 +8,10 @@ above fuse.py, and fuse.py must not import it (not even lazily). So the dependen
 - the package root, `qwen_fused/__init__.py`, registers the LoRA layer's binder in this module when it runs.
   Python runs a package's `__init__` before any of its submodules, so whatever a caller imports (`qwen_fused`,
   `qwen_fused.fuse`, `qwen_fused.checkpoint`, ...), the binder is registered before `fuse_qkv` can run;
-- `fuse.fuse_qkv` refuses to fuse while nothing is registered (so no path can give a fused model without the
-  binding), and runs every binder on the model it fused; `fuse.unfuse_qkv` runs their unbinders.
+- `fuse.fuse_qkv` (and `families/qwenimage21_mlp.fuse_swiglu`: on its merged MLP diffusers' loaders would drop
+  `gate_layer`/`proj` LoRAs alike) refuses to fuse while nothing is registered (so no path can give a fused model
+  without the binding), and runs every binder on the model it fused; `fuse.unfuse_qkv` and `unfuse_swiglu` run
+  their unbinders (the LoRA layer's keeps the binding while the model still holds the other merge).
 
 The root's binder imports the LoRA layer only when a model is fused, so `import qwen_fused.kernels` stays light.
 This module imports nothing: it sits at the bottom, with names.py and atomic.py.
@@ -20,13 +22,13 @@ _BINDERS = {}  # name -> (bind(model), unbind(model))
 
 
 def register(name, bind, unbind):
-    """Run `bind(model)` on every model `fuse_qkv` fuses, and `unbind(model)` when `unfuse_qkv` restores it.
-    Registering a name again replaces its functions."""
+    """Run `bind(model)` on every model `fuse_qkv` / `fuse_swiglu` fuses, and `unbind(model)` when `unfuse_qkv` /
+    `unfuse_swiglu` restores it. Registering a name again replaces its functions."""
     _BINDERS[name] = (bind, unbind)
 
 
 def require():
-    """Raise unless a binder is registered (fuse_qkv calls this before it changes anything)."""
+    """Raise unless a binder is registered (fuse_qkv and fuse_swiglu call this before they change anything)."""
     if not _BINDERS:
         raise RuntimeError("qwen_fused: no LoRA API binder is registered, so a fused model would silently drop "
                            "q/k/v LoRAs in diffusers' loaders; import qwen_fused normally (its __init__ registers it)")

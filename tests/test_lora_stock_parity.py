@@ -117,7 +117,8 @@ def test_every_per_module_init_is_stocks_value_for_value(base, inputs, init, tmp
     dict(target_modules=["to_q", "to_k", "to_v", "to_out.0"], layers_to_transform=[1], layers_pattern="transformer_blocks"),
     dict(target_modules=QKV[:4], exclude_modules=["transformer_blocks.1.attn.add_q_proj"], use_rslora=True,
          lora_bias=True, init_lora_weights=True),
-], ids=["some-parts", "layers_to_transform", "exclude-rslora-bias"])
+    dict(target_modules="all-linear"),  # peft's shorthand: every nn.Linear of the stock model, q/k/v parts included
+], ids=["some-parts", "layers_to_transform", "exclude-rslora-bias", "all-linear"])
 def test_target_selection_and_options_are_stocks_value_for_value(base, inputs, cfg, tmp_path):
     stock, fused = add_both(base, rank_pattern={}, alpha_pattern={}, **cfg)
     for model, where in ((stock, "stock"), (fused, "fused")):

@@ -4,9 +4,12 @@ ComfyUI's merged `gate_up` is), run as one GEMM with the gate applied after it (
 
 Off by default, like `fuse_blocks`, until a GPU measures it. Independent of `fuse_qkv` (either order). The state
 dict changes (`img_mlp.gate_up.weight` for the two), so save checkpoints from an unfused model; `unfuse_swiglu`
-restores the stock modules bit for bit. LoRA: a peft adapter on `gate_up` runs inside the op; `qwen_fused.load_lora`
-maps LoRA names `gate_layer` / `proj` onto it exactly (two parts, block-diagonal B) and `gate_up` LoRAs back onto
-an unfused model. diffusers' own `load_lora_adapter` does not know `gate_up`: use `load_lora` on a merged MLP.
+restores the stock modules bit for bit. LoRA: a peft adapter on `gate_up` runs inside the op. Like `fuse_qkv`,
+`fuse_swiglu` binds diffusers' LoRA API on the model (qwen_fused/bindings.py), so `qwen_fused.load_lora` /
+`add_lora`, `transformer.add_adapter` / `load_lora_adapter` / `save_lora_adapter` and `pipe.load_lora_weights` /
+`save_lora_weights` map LoRA names `gate_layer` / `proj` onto it exactly (two parts, block-diagonal B kept so while
+training, each part initialised as stock peft initialises it) and save them under the stock names; `load_lora` also
+maps `gate_up` LoRAs back onto an unfused model.
 This module sits above `fuse.py` in the fusing layer (it reuses its exact merge and split).
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import bindings
 from ..fuse import _merged_linear, _peft_layers, _split_linear
 from ..kernels.swiglu import swiglu
 from ..lora_factors import linear_lora_factors
@@ -26,6 +30,10 @@ PARTS = tuple(p.rsplit(".", 1)[1] for p in qwenimage21.MERGED_LINEARS["img_mlp.g
 
 class MergedSwiGLU(nn.Module):
     """`QwenImage21SwiGLUFeedForward` with `gate_layer` and `proj` as one `gate_up`: `out(silu(g) * u)`."""
+
+    # the stock module's children in its registration order (what peft walks, and so the order in which stock peft
+    # draws LoRA inits): the LoRA layer lists the stock modules in this order (lora/adapters.py: stock_modules)
+    STOCK_CHILDREN = ("proj", "out", "gate_layer", "activation_fn")
 
     def __init__(self, gate_up: nn.Module, out: nn.Module):
         super().__init__()
@@ -76,9 +84,11 @@ def fuse_swiglu(model_or_pipeline):
         if hooked:
             # the merged module would run without them (offload, layerwise casting)
             raise ValueError(f"{name} carries accelerate/diffusers hooks; call fuse_swiglu before enabling them")
+    bindings.require()  # diffusers' LoRA API must map gate_layer/proj onto gate_up, as fuse_qkv's q/k/v
     for _, block in blocks:
         mlp = block.img_mlp
         block.img_mlp = MergedSwiGLU(_merged_linear([getattr(mlp, n) for n in PARTS]), mlp.out)
+    bindings.bind(model)
     return model
 
 
@@ -98,8 +108,9 @@ def unfuse_swiglu(model_or_pipeline):
         if not isinstance(merged, MergedSwiGLU):
             continue
         gate, up = _split_linear(merged.gate_up, 2)
-        with torch.device("meta"):  # the stock module's own registration order: proj, out, gate_layer
+        with torch.device("meta"):  # the stock module's own registration order (MergedSwiGLU.STOCK_CHILDREN)
             mlp = QwenImage21SwiGLUFeedForward(gate.in_features, gate.out_features)
         mlp.proj, mlp.out, mlp.gate_layer = up, merged.out, gate
         block.img_mlp = mlp
+    bindings.unbind(model)  # (the binder keeps diffusers' LoRA API bound while a to_qkv remains)
     return model

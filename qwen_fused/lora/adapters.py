@@ -2,7 +2,8 @@
 
 Loading a LoRA file (`load_lora`: a peft adapter, or baked into the weights), adding a trainable adapter
 (`add_lora`: names mean what they mean to peft on the stock model), and taking an adapter out of a model
-(`lora_from_model`, `save_lora`). On a fused model, standard q/k/v LoRAs become one merged LoRA per projection
+(`lora_from_model`, `save_lora`). On a model that holds projections merged (fuse_qkv's `to_qkv`, fuse_swiglu's
+`img_mlp.gate_up`), standard LoRAs on their parts (q/k/v, gate_layer/proj) become one merged LoRA per projection
 whose B stays block-diagonal: the same model as stock peft.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ import torch
 from torch import nn
 
 from ..fuse import is_fused, transformer_of
-from ..names import STANDARD, STOCK_ORDER, STREAMS
 from .algebra import (QKV, LoraFactors, block_columns, config_kwargs, convert, merged_parts, part_of, row_splits,
                       to_merged, to_standard)
 from .formats import parse_lora, read_lora, write_lora
@@ -101,7 +101,7 @@ def load_lora(transformer_or_pipeline, path_or_state_dict, adapter_name="default
         if any(f.magnitude is not None for f in parsed.modules.values()):
             raise ValueError("a DoRA adapter cannot be added into the base weights by load_lora(fuse=True); load it "
                              "as an adapter and call transformer.fuse_lora() (peft's DoRA merge)")
-        modules = _as_model_holds(model, to_standard(parsed.modules, QKV) if not fused else parsed.modules,
+        modules = as_model_holds(model, to_standard(parsed.modules, QKV) if not fused else parsed.modules,
                                   merge=False)
         plan = plan_targets(model, modules)
         with torch.no_grad():
@@ -114,13 +114,13 @@ def load_lora(transformer_or_pipeline, path_or_state_dict, adapter_name="default
                 if f.bias is not None:
                     lin.bias[rows] += (f.bias.to(w.device, dtype) * (f.scale * scale)).to(lin.bias.dtype)
         return model
-    modules = _as_model_holds(model, to_merged(parsed.modules) if fused else to_standard(parsed.modules, QKV))
+    modules = as_model_holds(model, to_merged(parsed.modules) if fused else to_standard(parsed.modules, QKV))
     plan_targets(model, modules)  # all names exist as plain modules now; shapes fit
     inject_adapter(model, modules, adapter_name, scale)
     return model
 
 
-def _as_model_holds(model, modules, merge=True):
+def as_model_holds(model, modules, merge=True):
     """`modules` with each merged target beyond q/k/v (2.1's `img_mlp.gate_up`) split into its parts where the
     model holds the parts, and (`merge`) the parts merged where it holds the merged module, exactly (block-diagonal
     B, like q/k/v onto to_qkv). q/k/v follow `is_fused` (the callers convert them)."""
@@ -207,61 +207,66 @@ def _peft_add_adapter(model, config, adapter_name):
 
 
 def add_lora(transformer_or_pipeline, config, adapter_name="default"):
-    """`transformer.add_adapter(config, adapter_name)`, mapping standard q/k/v targets on a fused model.
+    """`transformer.add_adapter(config, adapter_name)`, mapping the stock targets a model holds merged.
 
-    On a fused model, q/k/v projections the config would target on the stock model become the merged
-    projection with rank r_q + r_k + r_v, scale alpha/r, and a block-diagonal B whose off-diagonal blocks stay
-    zero: the same model as stock peft, trained the same way (one warning line says so). Every factor (and a DoRA
-    magnitude) is initialised to the numbers stock peft gives its stock module from the same random state
-    (`_init_as_stock`); inits that need more than the module itself raise. Other targets are unchanged. Unfused
-    models get `add_adapter(config)` as is. Returns the transformer.
+    On a model with merged projections (fuse_qkv's `to_qkv`, fuse_swiglu's `img_mlp.gate_up`), the parts the
+    config would target on the stock model (q/k/v, gate_layer/proj) become the merged projection with rank the
+    sum of the parts' ranks, scale alpha/r, and a block-diagonal B whose off-diagonal blocks stay zero: the same
+    model as stock peft, trained the same way (one warning line says so). Every factor (and a DoRA magnitude) is
+    initialised to the numbers stock peft gives its stock module from the same random state (`_init_as_stock`);
+    inits that need more than the module itself raise. Other targets (a merged module named itself included) are
+    unchanged. Models holding nothing merged get `add_adapter(config)` as is. Returns the transformer.
     """
     model = transformer_of(transformer_or_pipeline)
     if adapter_name in getattr(model, "peft_config", {}):
         raise ValueError(f"adapter name {adapter_name!r} already exists on this transformer")
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    refuse_merged_away(model, lambda part: check_target_module_exists(config, part), "add_lora / add_adapter",
-                       "target the merged module itself, or add the adapter before merging")
-    if not is_fused(model) or isinstance(config.target_modules, str) and config.target_modules == "all-linear":
+    if not holds_merged(model):
         _peft_add_adapter(model, config, adapter_name)
         return model
-    groups, targets, mapped = collections.defaultdict(dict), {}, set()
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        # peft expands its shorthand to every nn.Linear of the model it is given (a diffusers model has no output
+        # head to leave out); on the stock model those are the parts, not the merged projection
+        groups = row_splits()
+        config = dataclasses.replace(config, target_modules={
+            n for n in stock_linears(model) if not _holds_parts_merged(model, n, groups)})
+    groups, sizes, targets, mapped = collections.defaultdict(dict), {}, {}, set()
     stock_order = stock_targets(model, config)
     for name, (r, alpha) in stock_order.items():
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
-        attn, _, leaf = name.rpartition(".")
-        if leaf in STANDARD:
-            merged, i = STANDARD[leaf]
-            groups[f"{attn}.{merged}"][i] = (r, scale)
-            mapped.add(leaf)
+        held = held_merged(model, name)
+        if held is not None:
+            merged, i, sizes[merged] = held
+            groups[merged][i] = (r, scale)
+            mapped.add(name.rsplit(".", 1)[-1])
         else:
             targets[name] = (r, alpha)
     if not mapped:
         _peft_add_adapter(model, config, adapter_name)
         return model
-    partial = sorted(n for n, parts in groups.items() if len(parts) != 3)
+    partial = sorted(n for n, parts in groups.items() if len(parts) != sizes[n])
     if config.use_dora and partial:
-        raise ValueError(f"DoRA on only some q/k/v parts of {', '.join(partial[:4])} is not one merged DoRA layer; "
-                         f"target all three parts of each projection, or add it on the unfused model")
+        kinds = " and ".join(sorted({_parts_kind(n) for n in partial}))
+        raise ValueError(f"DoRA on only some {kinds} parts of {', '.join(partial[:4])} is not one merged DoRA layer; "
+                         f"target all parts of each merged projection, or add it on the unfused model (before "
+                         f"fuse_qkv / fuse_swiglu)")
     init = config.init_lora_weights
     if isinstance(init, str) and init.lower().startswith(_WHOLE_MODULE_INITS):
-        raise ValueError(f"init_lora_weights={init!r} cannot be built per q/k/v part of a merged projection (it "
-                         f"needs statistics peft gathers per stock module, or a LoRA variant keyed on the init); "
-                         f"initialise on the unfused model, or use True, False, 'gaussian', 'pissa', 'olora' or "
-                         f"'orthogonal'")
+        raise ValueError(f"init_lora_weights={init!r} cannot be built per q/k/v part (or gate_layer/proj part) of a "
+                         f"merged projection (it needs statistics peft gathers per stock module, or a LoRA variant "
+                         f"keyed on the init); initialise on the unfused model, or use True, False, 'gaussian', "
+                         f"'pissa', 'olora' or 'orthogonal'")
     blocks = {}
     for name, parts in groups.items():
         scales = {s for _, s in parts.values()}
         if len(scales) > 1:
-            raise ValueError(f"{name}: q/k/v parts have different LoRA scales {sorted(scales)}; one merged "
-                             f"adapter has one scale")
+            raise ValueError(f"{name}: {_parts_kind(name)} parts have different LoRA scales {sorted(scales)}; one "
+                             f"merged adapter has one scale")
         rank = sum(r for r, _ in parts.values())
         s = scales.pop()
         targets[name] = (rank, s * math.sqrt(rank) if config.use_rslora else s * rank)
         blocks[name] = [(i, parts[i][0]) for i in sorted(parts)]
     warnings.warn(f"qwen_fused: LoRA targets {', '.join(sorted(mapped))} mapped to the merged "
-                  f"{'/'.join(sorted({STANDARD[m][0] for m in mapped}))} of this fused model (block-diagonal, "
+                  f"{'/'.join(sorted({n.rsplit('.', 1)[-1] for n in groups}))} of this fused model (block-diagonal, "
                   f"same model as stock)", stacklevel=2)
     # peft builds the merged layers without drawing anything that matters (init False: no base weight changes);
     # then every stock module's factors are drawn as stock peft draws them, in its order, from the same stream
@@ -270,44 +275,95 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
                                         layers_pattern=None, exclude_modules=None, init_lora_weights=False)
     _peft_add_adapter(model, merged_config, adapter_name)
     model.peft_config[adapter_name].init_lora_weights = init
-    columns = {}  # stock q/k/v part name -> its rank columns of the merged layer
+    columns = {}  # stock part name -> its rank columns of the merged layer
     for name, parts in blocks.items():
-        attn, _, merged = name.rpartition(".")
+        names = merged_parts(name, row_splits())[0]
         start, cols = 0, {}
         for i, r in parts:
             cols[i] = torch.arange(start, start + r)
-            columns[f"{attn}.{STREAMS[merged][i]}"], start = slice(start, start + r), start + r
-        _register_mask(model.get_submodule(name), adapter_name, cols)
+            columns[names[i]], start = slice(start, start + r), start + r
+        _register_mask(model.get_submodule(name), adapter_name, cols, sizes[name])
     torch.set_rng_state(rng)
     for name, rank_alpha in stock_order.items():
         _init_as_stock(model, config, adapter_name, name, rank_alpha, columns)
     return model
 
 
-def refuse_merged_away(model, selects, api, remedy):
-    """Raise when `selects(part name)` picks a part of a merged projection beyond q/k/v (2.1's gate_layer / proj in
-    a merged MLP's `gate_up`): peft's loaders would find no such module and drop it silently."""
-    extra = {m: g for m, g in row_splits().items() if m not in QKV}
-    hit = [p for name, _ in model.named_modules() if (found := merged_parts(name, extra)) and ".lora_" not in name
-           and _linear(model, name) is not None for p in found[0] if selects(p)]
-    if hit:
-        raise ValueError(f"{api} cannot map LoRA targets {', '.join(hit[:4])}{', ...' if len(hit) > 4 else ''} onto "
-                         f"this model: they are merged into one projection (fuse_swiglu's img_mlp.gate_up); use "
-                         f"qwen_fused.load_lora, which maps them exactly, or {remedy}")
+def _parts_kind(merged):
+    """What the parts of merged projection `merged` are called in messages: "q/k/v", "gate_layer/proj"."""
+    if merged.rsplit(".", 1)[-1] in QKV:
+        return "q/k/v"
+    return "/".join(p.rsplit(".", 1)[-1] for p in merged_parts(merged, row_splits())[0])
+
+
+def held_merged(model, name):
+    """`(merged module name, part index, number of parts)` when the model holds stock module `name` as rows of a
+    merged projection (to_qkv, gate_up) rather than as its own module, else None."""
+    part = part_of(name, row_splits())
+    if part is None or _linear(model, name) is not None or _linear(model, part[0]) is None:
+        return None
+    return part
+
+
+def _holds_parts_merged(model, name, groups):
+    """True when module `name` is a merged projection the model holds instead of its parts (not diffusers'
+    `fuse_projections`, which adds a `to_qkv` beside them)."""
+    found = merged_parts(name, groups)
+    return bool(found) and _linear(model, name) is not None and all(_linear(model, p) is None for p in found[0])
+
+
+def holds_merged(model):
+    """True when the model holds any stock projection merged (fuse_qkv's to_qkv, fuse_swiglu's gate_up)."""
+    groups = row_splits()
+    return any(_holds_parts_merged(model, name, groups) for name, _ in model.named_modules() if ".lora_" not in name)
+
+
+def stock_modules(model):
+    """`(name, module)` for the modules of the stock model, in its module order (what peft walks), as this model
+    holds them: a merged projection comes at the place of its first stock part, followed by its parts (module
+    None: they exist on the stock model only), in the order the stock module registers them. A module that merges
+    its children (`MergedSwiGLU`) names the stock module's order in `STOCK_CHILDREN`. The children of peft's LoRA
+    layers are not listed (the stock model's own LoRA layers are the callers' business)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    groups = row_splits()
+    done = set()
+
+    def merged_here(full, child, parts=True):
+        done.add(full)
+        yield from walk(full, child)
+        for p in merged_parts(full, groups)[1] if parts else ():
+            yield p, None
+
+    def walk(prefix, mod):
+        yield prefix, mod
+        if isinstance(mod, BaseTunerLayer):
+            return
+        order = getattr(mod, "STOCK_CHILDREN", None)
+        for c in order if order is not None else list(mod._modules):
+            full = f"{prefix}.{c}" if prefix else c
+            child = mod._modules.get(c)
+            if child is not None and _holds_parts_merged(model, full, groups):
+                yield from merged_here(full, child)
+            elif child is not None:
+                yield from walk(full, child)
+            elif order is not None:  # a stock child this module holds merged into a sibling (or does not need)
+                held = held_merged(model, full)
+                if held is not None and held[0] not in done:
+                    yield from merged_here(held[0], model.get_submodule(held[0]), parts=False)
+                yield full, None
+
+    yield from walk("", model)
 
 
 def stock_linears(model):
-    """The names of the stock model's Linear layers, in its module order: a merged projection stands for its q/k/v
-    parts in diffusers' order."""
-    out = []
-    for name, mod in model.named_modules():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in STREAMS:
-            out += [f"{name[:-len(leaf)]}{s}" for s in STOCK_ORDER[leaf]]
-        elif (isinstance(getattr(mod, "base_layer", mod), nn.Linear) and ".base_layer" not in name
-              and ".lora_" not in name):
-            out.append(name)
-    return out
+    """The names of the stock model's Linear layers, in its module order (`stock_modules`): a merged projection's
+    parts in the stock module's order, after the merged projection itself (which the stock model lacks: a config
+    names it only to target the merged module as such)."""
+    groups = row_splits()
+    return [name for name, mod in stock_modules(model)
+            if (part_of(name, groups) is not None if mod is None else isinstance(getattr(mod, "base_layer", mod),
+                                                                                   nn.Linear))]
 
 
 def stock_targets(model, config):
@@ -321,14 +377,14 @@ def stock_targets(model, config):
             for n in stock_linears(model) if check_target_module_exists(config, n)}
 
 
-# peft inits that cannot be made per q/k/v part: EVA, CorDA and LoRA-GA use statistics gathered per stock module
-# name from data; MiCA is a LoRA variant chosen by the init (frozen B)
+# peft inits that cannot be made per part of a merged projection (q/k/v, gate_layer/proj): EVA, CorDA and LoRA-GA
+# use statistics gathered per stock module name from data; MiCA is a LoRA variant chosen by the init (frozen B)
 _WHOLE_MODULE_INITS = ("eva", "corda", "lora_ga", "mica")
 
 
 def _init_as_stock(model, config, adapter_name, name, rank_alpha, columns):
-    """Initialise stock module `name`'s LoRA factors (a q/k/v part: its rows and rank columns `columns[name]` of the
-    merged layer) to exactly what stock peft gives them."""
+    """Initialise stock module `name`'s LoRA factors (a part of a merged projection: its rows and rank columns
+    `columns[name]` of the merged layer) to exactly what stock peft gives them."""
     stock = stock_lora_layer(model, config, adapter_name, name, rank_alpha)
     layer, rows = _stock_part(model, name)
     cols = columns.get(name, slice(None))
@@ -342,13 +398,12 @@ def _init_as_stock(model, config, adapter_name, name, rank_alpha, columns):
 
 
 def _stock_part(model, name):
-    """`(module, rows)`: the module that holds stock module `name`'s weight and its rows there (itself, or a q/k/v
-    part's rows of a fused model's merged projection)."""
-    attn, _, leaf = name.rpartition(".")
-    if leaf in STANDARD and _linear(model, name) is None:
-        merged = f"{attn}.{STANDARD[leaf][0]}"
-        n = _linear(model, merged).out_features // 3
-        i = STANDARD[leaf][1]
+    """`(module, rows)`: the module that holds stock module `name`'s weight and its rows there (itself, or a part's
+    rows of a merged projection: q/k/v in to_qkv, gate_layer/proj in gate_up)."""
+    held = held_merged(model, name)
+    if held is not None:
+        merged, i, k = held
+        n = _linear(model, merged).out_features // k
         return model.get_submodule(merged), slice(i * n, (i + 1) * n)
     return model.get_submodule(name), slice(None)
 

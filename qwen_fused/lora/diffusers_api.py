@@ -1,37 +1,67 @@
 """diffusers' own LoRA API on a fused model, and the binding that puts it on every fused model.
 
-`fuse_qkv` binds `add_adapter`, `load_lora_adapter` and `save_lora_adapter` on the fused transformer's instance
-(`bind_lora_api`, registered by the package root: see qwen_fused/bindings.py) and wraps the Qwen pipelines'
-`save_lora_weights`, so diffusers' loaders never silently drop q/k/v on the merged projections and LoRA files stay
-in the standard layout that stock tools read.
+`fuse_qkv` and `fuse_swiglu` bind `add_adapter`, `load_lora_adapter` and `save_lora_adapter` on the fused
+transformer's instance (`bind_lora_api`, registered by the package root: see qwen_fused/bindings.py) and wrap the
+Qwen pipelines' `save_lora_weights`, so diffusers' loaders never silently drop q/k/v or gate_layer/proj on the merged
+projections (to_qkv, gate_up) and LoRA files stay in the standard layout that stock tools read.
 """
 from __future__ import annotations
 
 import functools
+import re
 import types
 
 import torch
 
-from ..names import STANDARD, STOCK_ORDER, STREAMS
-from .adapters import (add_lora, inject_adapter, lora_from_model, peft_adapter, plan_targets, refuse_merged_away,
-                       stock_linears, stock_lora_layer, stock_targets)
-from .algebra import apply_config, to_merged, to_standard
-from .formats import parse_lora
+from ..fuse import is_fused
+from .adapters import (add_lora, as_model_holds, held_merged, holds_merged, inject_adapter, lora_from_model,
+                       peft_adapter, plan_targets, stock_linears, stock_lora_layer, stock_modules, stock_targets)
+from .algebra import QKV, apply_config, merged_parts, row_splits, to_merged, to_standard
+from .formats import _meta_models, parse_lora
 
 
-def _has_leaf(names, leaves):
-    return any(n.split(".lora_")[0].rsplit(".", 1)[-1] in leaves for n in names)
+def standard_in_stock_order(modules, model=None):
+    """`to_standard(modules)` in the stock model's module order, as stock's state dicts (and so its pickle files)
+    list them: `to_standard` puts a merged projection's parts together, where the stock module may register others
+    between them (2.1's MLP: proj, out, gate_layer). The order comes from `model` (`stock_modules`), else, when
+    the LoRA has a merged target beyond q/k/v (those come out in stock order already), from the module tree of the
+    one family that knows every name (its meta model, whose one block stands for all); else it is kept."""
+    out = to_standard(modules)
+    if model is not None:
+        trees = [[n for n, _ in stock_modules(model)]]
+    elif any(merged_parts(n, {m: g for m, g in row_splits().items() if m not in QKV}) for n in modules):
+        trees = [[n for n, _ in meta.named_modules()] for meta in _meta_models()]
+    else:
+        return out
+    for tree in trees:
+        pos = {n: i for i, n in enumerate(tree)}
+        keys = {}
+        for name in out:
+            m = re.fullmatch(r"(transformer_blocks)\.(\d+)\.(.+)", name) if model is None else None
+            key = (pos.get(m[1]), int(m[2]), pos.get(f"{m[1]}.0.{m[3]}")) if m else (pos.get(name), 0, 0)
+            if None in key:
+                break
+            keys[name] = key
+        else:
+            return dict(sorted(out.items(), key=lambda kv: keys[kv[0]]))
+    return out
+
+
+def _has_merged(names):
+    """True when a LoRA (state dict keys or module names) has a merged target (to_qkv, gate_up, ...)."""
+    groups = row_splits()
+    return any(merged_parts(n.split(".lora_")[0], groups) for n in names)
 
 
 def fused_load_lora_adapter(model, pretrained_model_name_or_path_or_dict, prefix="transformer", hotswap=False,
                             **kwargs):
     """diffusers' `load_lora_adapter` on a fused model (also what `pipe.load_lora_weights` calls).
 
-    A LoRA with standard q/k/v targets is built into the peft config diffusers would build on the stock model,
-    completed as stock peft completes it (`_as_stock_loads`: keys it does not load and factors the file lacks, with
-    stock's warning), converted exactly to the merged projections (block-diagonal B, kept so while training; DoRA
-    magnitudes stacked by rows) and loaded through diffusers' own loader. Without q/k/v targets this is diffusers'
-    loader unchanged.
+    A LoRA with standard targets the model holds merged (q/k/v in to_qkv, gate_layer/proj in gate_up) is built into
+    the peft config diffusers would build on the stock model, completed as stock peft completes it
+    (`_as_stock_loads`: keys it does not load and factors the file lacks, with stock's warning), converted exactly to
+    the merged projections (block-diagonal B, kept so while training; DoRA magnitudes stacked by rows) and loaded
+    through diffusers' own loader. Without such targets this is diffusers' loader unchanged.
     """
     from diffusers.loaders.lora_base import _fetch_state_dict
     from diffusers.utils import convert_unet_state_dict_to_peft
@@ -46,10 +76,7 @@ def fused_load_lora_adapter(model, pretrained_model_name_or_path_or_dict, prefix
     ours = state_dict
     if prefix is not None:
         ours = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
-    modules = {k.split(".lora_")[0] for k in ours}
-    refuse_merged_away(model, lambda part: any(m == part or m.endswith("." + part) for m in modules),
-                       "load_lora_adapter", "load the LoRA before fuse_swiglu")
-    if not _has_leaf(ours, STANDARD):
+    if not any(held_merged(model, m) for m in {k.split(".lora_")[0] for k in ours}):
         return type(model).load_lora_adapter(model, state_dict, prefix=prefix, hotswap=hotswap, metadata=metadata,
                                              **kwargs)
     if metadata is not None and prefix is not None:
@@ -71,14 +98,14 @@ def fused_load_lora_adapter(model, pretrained_model_name_or_path_or_dict, prefix
     ours, incompatible = _as_stock_loads(model, ours, lora_config, adapter_name,
                                          draw=not (hotswap or kwargs.get("low_cpu_mem_usage")))
     modules = apply_config(parse_lora(ours, model=model).modules, config)
-    merged = to_merged(modules)
+    merged = as_model_holds(model, to_merged(modules) if is_fused(model) else modules)
     plan_targets(model, merged)
     if hotswap and adapter_name in getattr(model, "peft_config", {}):
         _prepare_hotswap(model, adapter_name, lora_config, merged, config)
     prepared = getattr(model, "_prepare_lora_hotswap_kwargs", None)
     if prepared is not None and not hotswap:
-        # enable_lora_hotswap(target_rank) names a stock module's rank; a merged projection holds its q/k/v
-        # parts side by side (rank r_q + r_k + r_v), so every layer is padded to three times it (zeros: exact)
+        # enable_lora_hotswap(target_rank) names a stock module's rank; a merged projection holds its parts side
+        # by side (q/k/v: rank r_q + r_k + r_v), so every layer is padded to three times it (zeros: exact)
         model._prepare_lora_hotswap_kwargs = {**prepared, "target_rank": 3 * prepared["target_rank"]}
     with torch.random.fork_rng(devices=[]):  # the stock stream is drawn already: the merged layers draw nothing
         inject_adapter(model, merged, adapter_name, base_config=config, hotswap=hotswap, **kwargs)
@@ -136,15 +163,10 @@ def _in_stock_order(model, keys, targets):
     """`keys` in the order torch's `load_state_dict` reports them unexpected on the stock peft model: by the module
     (in module order) below which the key names nothing, then as given."""
     order = []
-    for name, _ in model.named_modules():
-        if ".lora_" in name or name.endswith(".base_layer") or ".base_layer." in name:
-            continue  # this model's own peft layers: the stock model's are listed below with their targets
-        leaf = name.rsplit(".", 1)[-1]
-        for n in [f"{name[:-len(leaf)]}{s}" for s in STOCK_ORDER[leaf]] if leaf in STREAMS else [name]:
-            order.append(n)
-            if n in targets:  # a peft LoRA layer's children, in the order it registers them
-                order += [f"{n}.{c}" for c in ("base_layer", "lora_dropout", "lora_A", "lora_B",
-                                               "lora_magnitude_vector")]
+    for n, _ in stock_modules(model):  # without this model's own peft layers' children: the stock model's follow
+        order.append(n)
+        if n in targets:  # a peft LoRA layer's children, in the order it registers them
+            order += [f"{n}.{c}" for c in ("base_layer", "lora_dropout", "lora_A", "lora_B", "lora_magnitude_vector")]
     index = {n: i for i, n in enumerate(order)}
 
     def owner(key):
@@ -156,8 +178,8 @@ def _in_stock_order(model, keys, targets):
 
 def fused_save_lora_adapter(model, save_directory, adapter_name="default", upcast_before_saving=False,
                             safe_serialization=True, weight_name=None):
-    """diffusers' `save_lora_adapter` on a fused model: merged q/k/v LoRAs are written in the standard layout
-    (exactly: each part's own factors where B is block-diagonal, the shared A otherwise), with the LoraConfig
+    """diffusers' `save_lora_adapter` on a fused model: merged LoRAs (to_qkv, gate_up) are written in the standard
+    layout (exactly: each part's own factors where B is block-diagonal, the shared A otherwise), with the LoraConfig
     metadata that gives every module its scale."""
     from diffusers.loaders.lora_base import LoraBaseMixin
     from diffusers.utils.peft_utils import get_adapter_name
@@ -169,11 +191,12 @@ def fused_save_lora_adapter(model, save_directory, adapter_name="default", upcas
     if upcast_before_saving:  # as stock diffusers: the model itself is cast to fp32 (`self.to(dtype=torch.float32)`)
         model.to(dtype=torch.float32)
     modules = lora_from_model(model, adapter_name)
-    if not _has_leaf(modules, STREAMS):
+    if not _has_merged(modules):
         return type(model).save_lora_adapter(model, save_directory, adapter_name, upcast_before_saving,
                                              safe_serialization, weight_name)
-    state_dict, config = peft_adapter(to_standard(modules), model.peft_config[adapter_name].to_dict())
-    # own contiguous tensors: the q/k/v parts are views of one merged B, which safetensors refuses
+    state_dict, config = peft_adapter(standard_in_stock_order(modules, model),
+                                      model.peft_config[adapter_name].to_dict())
+    # own contiguous tensors: the parts are views of one merged B, which safetensors refuses
     state_dict = {k: v.clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()}
     LoraBaseMixin.write_lora_layers(state_dict, save_directory, is_main_process=True, weight_name=weight_name,
                                     save_function=None, safe_serialization=safe_serialization,
@@ -181,10 +204,10 @@ def fused_save_lora_adapter(model, save_directory, adapter_name="default", upcas
 
 
 def standard_lora_layers(state_dict, config=None):
-    """A peft LoRA state dict and its LoraConfig kwargs (None: diffusers' defaults, scale 1) with merged q/k/v
-    targets -> the same LoRA with standard targets, exactly: `(state_dict, config)`."""
+    """A peft LoRA state dict and its LoraConfig kwargs (None: diffusers' defaults, scale 1) with merged targets
+    (to_qkv, gate_up) -> the same LoRA with standard targets, exactly: `(state_dict, config)`."""
     modules = apply_config(parse_lora(state_dict).modules, dict(config or {}))
-    state_dict, config = peft_adapter(to_standard(modules), config)
+    state_dict, config = peft_adapter(standard_in_stock_order(modules), config)
     return {k: v.clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()}, config
 
 
@@ -204,7 +227,7 @@ def wrap_pipeline_lora_saving():
     def save_lora_weights(cls, *args, **kwargs):
         bound = signature.bind(cls, *args, **kwargs)
         layers = bound.arguments.get("transformer_lora_layers")
-        if isinstance(layers, dict) and _has_leaf(layers, STREAMS):
+        if isinstance(layers, dict) and _has_merged(layers):
             metadata = bound.arguments.get("transformer_lora_adapter_metadata")
             layers, config = standard_lora_layers(layers, metadata)
             bound.arguments["transformer_lora_layers"] = layers
@@ -217,7 +240,7 @@ def wrap_pipeline_lora_saving():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the binding every fused model gets (registered by the package root, run by fuse_qkv)
+# the binding every fused model gets (registered by the package root, run by fuse_qkv and fuse_swiglu)
 
 # diffusers' LoRA entry points that must see standard q/k/v names on a fused model, and their fused versions
 LORA_API = {"add_adapter": add_lora, "load_lora_adapter": fused_load_lora_adapter,
@@ -225,15 +248,18 @@ LORA_API = {"add_adapter": add_lora, "load_lora_adapter": fused_load_lora_adapte
 
 
 def bind_lora_api(model):
-    """Instance-level: standard q/k/v names in `add_adapter` configs and in LoRA files map onto the merged
-    projections exactly, and saved files come out in the standard layout, instead of peft silently finding no
-    `to_q` on this model."""
+    """Instance-level: standard names (q/k/v, gate_layer/proj) in `add_adapter` configs and in LoRA files map onto
+    the merged projections exactly, and saved files come out in the standard layout, instead of peft silently
+    finding no `to_q` or `gate_layer` on this model."""
     for name, impl in LORA_API.items():
         setattr(model, name, functools.partial(impl, model))
     wrap_pipeline_lora_saving()
 
 
 def unbind_lora_api(model):
-    """Undo `bind_lora_api` (unfusing): the class's own methods again."""
+    """Undo `bind_lora_api` (unfusing): the class's own methods again, once the model holds nothing merged (after
+    unfuse_qkv a merged MLP still needs the binding, and after unfuse_swiglu a to_qkv)."""
+    if holds_merged(model):
+        return
     for name in LORA_API:
         model.__dict__.pop(name, None)
