@@ -1,10 +1,12 @@
-"""Edit-training data: metadata files, image sizing, size buckets, and an on-disk cache of encoded samples.
+"""Training data: metadata files, image sizing, size buckets, and an on-disk cache of encoded samples.
 
 Metadata (paths relative to `base_path`):
   CSV    columns `image, edit_image, prompt` (one edit image per row)
   JSON   a list of objects `{"image": ..., "edit_image": ... or [...], "prompt": ...}`
   JSONL  one such object per line
 `image` is the target (the edited result), `edit_image` the condition image(s) (-2509/-2511 take several).
+Qwen-Image 2.1 also trains text-to-image: a row without `edit_image` (CSV: no such column, or an empty cell;
+JSON: no key, null or []) has no condition image, and one dataset may mix 0, 1 and 2 (`check_conditions`).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from PIL import Image
 
 from .atomic import atomic_output
 
-REQUIRED = ("image", "edit_image", "prompt")
+REQUIRED = ("image", "edit_image", "prompt")  # what an edit model's rows hold; a text-to-image row lacks edit_image
 MULTIPLE = 32  # VAE factor 8 x patch 2 x 2 (the pipelines snap sides to 16; 32 keeps latents even after packing)
 
 
@@ -53,8 +55,10 @@ def area_size(width: int, height: int, area: int) -> tuple[int, int]:
     return calculate_dimensions(area, width / height)
 
 
-def read_metadata(base_path, metadata_path) -> list[Record]:
-    """Parse and validate a metadata file: every referenced image must exist and every prompt be non-empty."""
+def read_metadata(base_path, metadata_path, require_conditions: bool = True) -> list[Record]:
+    """Parse and validate a metadata file: every referenced image must exist and every prompt be non-empty.
+    `require_conditions`: also the edit models' rule (`check_conditions`); `train` reads with False, as the model
+    that decides it is not loaded yet, and `encode.build_dataset` applies the model's rule."""
     base_path = os.fspath(base_path)
     metadata_path = os.fspath(metadata_path)
     if not os.path.isdir(base_path):
@@ -68,10 +72,12 @@ def read_metadata(base_path, metadata_path) -> list[Record]:
         with open(metadata_path, encoding="utf-8") as f:
             if metadata_path.lower().endswith(".csv"):
                 reader = csv.DictReader(f)
-                missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+                need = REQUIRED if require_conditions else [c for c in REQUIRED if c != "edit_image"]
+                missing = [c for c in need if c not in (reader.fieldnames or [])]
                 if missing:
                     raise DataError(f"{name}: missing column(s) {', '.join(missing)} (has {reader.fieldnames}); "
-                                    f"expected {', '.join(REQUIRED)}")
+                                    f"expected {', '.join(REQUIRED)}"
+                                    f"{'' if require_conditions else ' (Qwen-Image 2.1: edit_image optional)'}")
                 rows = [(f"{name} row {i + 2}", row) for i, row in enumerate(reader)]
             elif metadata_path.lower().endswith(".jsonl"):
                 rows = [(f"{name} line {i + 1}", json.loads(line)) for i, line in enumerate(f) if line.strip()]
@@ -90,22 +96,39 @@ def read_metadata(base_path, metadata_path) -> list[Record]:
     for where, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with {', '.join(REQUIRED)}")
-        missing = [c for c in ("image", "edit_image") if row.get(c) in (None, "", [])]
+        needed = ("image", "edit_image") if require_conditions else ("image",)
+        missing = [c for c in needed if row.get(c) in (None, "", [])]
         if missing:
             raise DataError(f"{where}: missing {', '.join(missing)}")
         prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{where}: empty prompt")
-        edits = row["edit_image"] if isinstance(row["edit_image"], list) else [row["edit_image"]]
+        edits = row.get("edit_image")
+        edits = [] if edits in (None, "") else edits if isinstance(edits, list) else [edits]
         paths = [os.path.join(base_path, p) for p in [row["image"], *edits]]
         for p in paths:
             if not os.path.isfile(p):
                 raise DataError(f"{where}: image {p} does not exist")
         records.append(Record(paths[0], tuple(paths[1:]), prompt, where))
+    if require_conditions:
+        check_conditions(records, text_to_image=False)
+    return records
+
+
+def check_conditions(records: list[Record], text_to_image: bool):
+    """The condition images a model can train on. An edit model (Qwen-Image-Edit, -2509, -2511) edits: every
+    sample needs one, and all the same number. Qwen-Image 2.1 takes none (text-to-image) to several, mixed in
+    one dataset: its batch is built per bucket (`Plan.bucket` holds the condition sizes, so the count too)."""
+    if text_to_image:
+        return
+    for r in records:
+        if not r.edit_images:
+            raise DataError(f"{r.line}: missing edit_image (an edit model needs a condition image per sample; "
+                            f"rows without one train text-to-image on Qwen-Image 2.1 only)")
     counts = {len(r.edit_images) for r in records}
     if len(counts) > 1:
+        name = records[0].line.rsplit(" ", 2)[0]  # the metadata file's name ("meta.csv row 2")
         raise DataError(f"{name}: samples have different numbers of edit images ({sorted(counts)}); use one count")
-    return records
 
 
 def open_rgb(path, where="") -> Image.Image:
@@ -126,7 +149,8 @@ def image_size(path, where="") -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Plan:
-    """Sizes one sample is trained at: target, each condition image for the VAE and for the text encoder."""
+    """Sizes one sample is trained at: target, each condition image for the VAE and for the text encoder (no
+    condition image: `edits` is empty, a text-to-image sample)."""
     target: tuple
     edits: tuple
     vl: tuple | None  # None: the text encoder sees the VAE-sized condition image (Qwen-Image-Edit)
@@ -150,7 +174,8 @@ def file_fingerprint(path) -> str:
 
 
 def sample_key(record: Record, plan: Plan, model_key: str) -> str:
-    """Changes whenever anything that goes into the encoded sample changes (files, prompt, sizes, model)."""
+    """Changes whenever anything that goes into the encoded sample changes (files, prompt, sizes, model); the
+    plan holds one size per condition image, so a text-to-image sample and an edit of the same target differ."""
     parts = [model_key, record.prompt, repr(plan), *(file_fingerprint(p) for p in [record.image, *record.edit_images])]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 

@@ -1,5 +1,5 @@
-"""`qwen-fused edit`: image editing with diffusers' Qwen-Image-Edit pipelines (and `QwenImage21Pipeline` with condition
-images), fused attention on by default."""
+"""`qwen-fused edit`: image editing with diffusers' Qwen-Image-Edit pipelines (and `QwenImage21Pipeline`, with
+condition images or, without --image, from text alone), fused attention on by default."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,8 @@ def add_parser(subparsers):
                               description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="diffusers folder or hub id of Qwen-Image-Edit, -2509, -2511 or Qwen-Image 2.1 "
                                    "(found from its model_index.json)")
-    p.add_argument("--image", action="append", default=[], help="condition image; repeat for -2509/-2511/2.1")
+    p.add_argument("--image", action="append", default=[],
+                   help="condition image; repeat for -2509/-2511/2.1 (2.1 without one: text-to-image)")
     p.add_argument("--prompt", help="what to change")
     p.add_argument("--negative_prompt", default=None, help="what to steer away from (turns on true CFG)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
@@ -28,8 +29,12 @@ def add_parser(subparsers):
                    help="true classifier-free guidance scale, used with --negative_prompt (default there: the "
                         "pipeline's, 4.0); without one there is no true CFG")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--height", type=int, default=None, help="output height (default: from the last --image and --area)")
-    p.add_argument("--width", type=int, default=None, help="output width (default: from the last --image and --area)")
+    p.add_argument("--height", type=int, default=None,
+                   help="output height (default: from the last --image and --area; 2.1 without --image: a square of "
+                        "--area, 1024 x 1024 without it)")
+    p.add_argument("--width", type=int, default=None,
+                   help="output width (default: from the last --image and --area; 2.1 without --image: a square of "
+                        "--area, 1024 x 1024 without it)")
     p.add_argument("--area", type=int, default=None,
                    help="pixel area condition images are resized to for the VAE (stock: diffusers' VAE_IMAGE_SIZE, "
                         "1024 * 1024; Qwen-Image 2.1: output_resolution ** 2, for the text encoder too)")
@@ -62,15 +67,21 @@ def image_format(path) -> str:
     return formats[ext]
 
 
+NEEDS_IMAGE = ("at least one --image is required (Qwen-Image-Edit edits an image; only Qwen-Image 2.1 generates "
+               "from text alone)")
+
+
 def _check_args(args):
-    """Every input checked before any model is loaded."""
-    from .pipeline import check_lora_path, parse_lora_spec  # here, not at import: --help needs no torch
+    """Every input checked before any model is loaded (whether --image may be left out: from the model's
+    model_index.json here, or in `run` once the model is loaded where that file is not at hand yet)."""
+    from .pipeline import check_lora_path, needs_condition_image, parse_lora_spec  # not at import: --help, no torch
     from .data import open_rgb
 
     if not args.model:
         raise ValueError("--model is required (or use --demo)")
-    if not args.image:
-        raise ValueError("at least one --image is required")
+    # from model_index.json where it is at hand (else once loaded): an unsupported pipeline raises here
+    if needs_condition_image(args.model) and not args.image:
+        raise ValueError(NEEDS_IMAGE)
     if not args.prompt or not args.prompt.strip():
         raise ValueError("--prompt is empty")
     if args.steps < 1:
@@ -109,6 +120,8 @@ def run(args) -> int:
     try:
         pipe = load_pipeline(args.model, dtype=dtype)
         variant = edit_variant(pipe)
+        if not images and variant != "2.1":  # whether one is needed is the model's to say: known once loaded
+            raise ValueError(NEEDS_IMAGE)
         if variant == "edit" and len(images) > 1:
             raise ValueError("Qwen-Image-Edit takes one --image; -2509/-2511 take several")
         if args.fuse:
@@ -131,7 +144,9 @@ def run(args) -> int:
     # true CFG needs a negative prompt; without one the pipeline's default scale (4.0) would only make it warn
     scale = args.true_cfg_scale if args.true_cfg_scale is not None or args.negative_prompt is not None else 1.0
     cfg = {} if scale is None else {"true_cfg_scale": scale}
-    out = call_pipeline(pipe, area=args.area, image=images[0] if variant == "edit" else images, prompt=args.prompt,
+    # 2.1 without --image: `image=None`, the pipeline's text-to-image path
+    image = images[0] if variant == "edit" else images or None
+    out = call_pipeline(pipe, area=args.area, image=image, prompt=args.prompt,
                         negative_prompt=args.negative_prompt, num_inference_steps=args.steps, **cfg,
                         height=args.height, width=args.width,
                         generator=torch.Generator(device="cpu").manual_seed(args.seed)).images[0]

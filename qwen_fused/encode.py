@@ -1,4 +1,4 @@
-"""Encoding the training set once, before training: prompts (with the condition images) through the text encoder,
+"""Encoding the training set once, before training: prompts (with any condition images) through the text encoder,
 target and condition images through the VAE, at the sizes `data.plan_sample` plans; optionally kept in an
 `EncodedCache` on disk. Afterwards the text encoder and the VAE can leave the GPU."""
 from __future__ import annotations
@@ -65,6 +65,7 @@ def cache_folder(args):
 
 def build_dataset(args, pipe, accelerator, records):
     variant = edit_variant(pipe)
+    D.check_conditions(records, text_to_image=variant == "2.1")  # the model's rule (`train` reads without it)
     if variant == "edit" and len(records[0].edit_images) != 1:
         raise D.DataError(f"Qwen-Image-Edit takes one edit image per sample; the metadata has "
                           f"{len(records[0].edit_images)} (use -2509/-2511 for several)")

@@ -43,6 +43,49 @@ def check_model_path(path, flag):
         raise ValueError(f"{flag} {path}: no model_index.json, {what}")
 
 
+# the pipeline classes train and edit run (model_index.json's `_class_name`), and whether they need a condition image
+PIPELINES = {"QwenImageEditPipeline": True, "QwenImageEditPlusPipeline": True, "QwenImage21Pipeline": False}
+
+
+def _unsupported(name) -> str:
+    return (f"{name} is not supported: qwen-fused trains and edits with Qwen-Image-Edit, -2509, -2511 "
+            f"(QwenImageEditPipeline, QwenImageEditPlusPipeline) and Qwen-Image 2.1 (QwenImage21Pipeline)"
+            + ("; Qwen-Image text-to-image (QwenImagePipeline) is not" if name == "QwenImagePipeline" else ""))
+
+
+def pipeline_class_name(path) -> str | None:
+    """The pipeline class a model folder (or a cached Hub id) names in its model_index.json, before any loading;
+    None when that file is not at hand yet (a Hub id not downloaded)."""
+    import json
+
+    path = os.fspath(path)
+    index = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index):
+        if os.path.isdir(path) or _looks_local(path):
+            return None
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(path, "model_index.json")
+        if not isinstance(index, str):
+            return None
+    try:
+        with open(index, encoding="utf-8") as f:
+            return json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # diffusers' own loading reports a broken file
+
+
+def needs_condition_image(path) -> bool | None:
+    """Whether the model at `path` edits (every sample needs a condition image) or also generates from text
+    (Qwen-Image 2.1), from its model_index.json; None when not known before loading. Unsupported pipelines raise."""
+    name = pipeline_class_name(path)
+    if name is None:
+        return None
+    if name not in PIPELINES:
+        raise ValueError(f"{path}: {_unsupported(name)}")
+    return PIPELINES[name]
+
+
 def edit_variant(pipe) -> str:
     """"edit", "2509", "2511" (Qwen-Image-Edit pipelines) or "2.1" (`QwenImage21Pipeline`): what the train and edit
     CLIs branch on; found from the loaded pipeline, so from the model folder's config."""
@@ -55,8 +98,7 @@ def edit_variant(pipe) -> str:
     cls21 = _pipeline21()
     if cls21 is not None and isinstance(pipe, cls21):
         return "2.1"
-    raise TypeError(f"expected a Qwen-Image-Edit pipeline (QwenImageEditPipeline or QwenImageEditPlusPipeline) or "
-                    f"QwenImage21Pipeline, got {type(pipe).__name__}")
+    raise ValueError(_unsupported(type(pipe).__name__))
 
 
 def _pipeline21():

@@ -20,8 +20,8 @@ from .atomic import atomic_output
 from .demo import train_demo_args
 from .encode import build_dataset, cache_folder
 from .flow import FlowMatching
-from .pipeline import (call_pipeline, check_lora_path, check_model_path, compile_blocks, edit_variant,
-                       load_pipeline, parse_lora_spec)
+from .pipeline import (call_pipeline, check_lora_path, check_model_path, compile_blocks, edit_variant, load_pipeline,
+                       needs_condition_image, parse_lora_spec)
 from .train_args import DESCRIPTION, add_arguments  # noqa: F401  (add_arguments: this module's API)
 from .train_lora import DEFAULT_TARGETS, lora_targets, prepare_transformer
 from .train_state import (check_output_dir, first_missing_folder, lora_state, remove_made_folder, resolve_resume,
@@ -84,10 +84,15 @@ class StopRequest:
 # ----------------------------------------------------------------------------------------------------------
 # validation
 
+VALIDATION_NEEDS_IMAGE = ("--validation_prompt needs --validation_image (an edit model edits an image; Qwen-Image 2.1 "
+                          "also validates from the prompt alone)")
+
+
 def validate(pipe, transformer, args, step, accelerator):
     """One edit per --validation_prompt with the model being trained (the run's max_pixels as target area), saved
     as validation/step-N.png (step-N-<i>.png for several prompts) and sent to the trackers. Returns the paths."""
     images = [D.open_rgb(p, "--validation_image") for p in args.validation_image]
+    image = images[0] if edit_variant(pipe) == "edit" else images or None  # 2.1 without one: text-to-image
     model = accelerator.unwrap_model(transformer)
     was_training = model.training
     model.eval()
@@ -95,8 +100,8 @@ def validate(pipe, transformer, args, step, accelerator):
     pipe.text_encoder.to(accelerator.device)
     pipe.vae.to(accelerator.device)
     try:
-        outs = [call_pipeline(pipe, area=args.max_pixels, image=images[0] if edit_variant(pipe) == "edit" else images,
-                              prompt=prompt, num_inference_steps=args.validation_inference_steps, true_cfg_scale=1.0,
+        outs = [call_pipeline(pipe, area=args.max_pixels, image=image, prompt=prompt,
+                              num_inference_steps=args.validation_inference_steps, true_cfg_scale=1.0,
                               generator=torch.Generator().manual_seed(args.seed)).images[0]
                 for prompt in args.validation_prompt]
     finally:
@@ -218,18 +223,23 @@ def train(args) -> int:
 
         args.condition_area = CONDITION_IMAGE_SIZE
     # all input checks before any model is loaded
-    records = D.read_metadata(args.dataset_base_path, args.dataset_metadata_path)
+    # whether rows need an edit_image is the model's to say (2.1 also trains text-to-image): checked below from
+    # model_index.json, or once the model is loaded (build_dataset) where that file is not at hand yet
+    records = D.read_metadata(args.dataset_base_path, args.dataset_metadata_path, require_conditions=False)
     targets = lora_targets(args.lora_target_modules)
     fused_loras = [parse_lora_spec(s, "--lora_fused") for s in args.lora_fused]
     for path, _ in fused_loras:
         check_lora_path(path, "--lora_fused")
     check_model_path(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    edits = needs_condition_image(args.pretrained_model_name_or_path)
+    if edits is not None:  # known from model_index.json: the rows are checked now, not after loading
+        D.check_conditions(records, text_to_image=not edits)
     for p in args.validation_image:
         D.open_rgb(p, "--validation_image")
     if args.validation_image and not args.validation_prompt:
         raise ValueError("--validation_image needs --validation_prompt")
-    if args.validation_prompt and not args.validation_image:
-        raise ValueError("--validation_prompt needs --validation_image")
+    if edits and args.validation_prompt and not args.validation_image:
+        raise ValueError(VALIDATION_NEEDS_IMAGE)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise ValueError(f"--checkpoints_total_limit must be >= 1, got {args.checkpoints_total_limit}")
     args.output_name = args.output_name.removesuffix(".safetensors")
@@ -243,10 +253,20 @@ def train(args) -> int:
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=os.path.join(args.output_dir, "logs")),
     )
-    if args.validation_image and accelerator.distributed_type == DistributedType.FSDP:
+    if args.validation_prompt and accelerator.distributed_type == DistributedType.FSDP:
         # validation runs on the main process only; a sharded model needs every rank in each forward
-        raise ValueError("--validation_image is not supported under FSDP (validation runs on one process); "
+        raise ValueError("--validation_prompt is not supported under FSDP (validation runs on one process); "
                          "drop it, or validate the saved LoRA with `qwen-fused edit`")
+    fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 2 and fsdp_plugin.mixed_precision_policy is not None:
+        # accelerate's FSDP2 policy (param_dtype = --mixed_precision) casts every floating-point input of each
+        # block to bf16/fp16, the fused attention's float32 RoPE tables too (its kernels refuse them: stock passes
+        # them complex, which FSDP leaves alone). The loss casts the model's inputs itself; blocks pass on
+        # activations in the parameters' dtype
+        import dataclasses
+
+        fsdp_plugin.mixed_precision_policy = dataclasses.replace(fsdp_plugin.mixed_precision_policy,
+                                                                 cast_forward_inputs=False)
     check_output_dir(args, accelerator)
     resume = resolve_resume(args)
     if args.resume_from_checkpoint == "latest" and resume is None:  # as diffusers' scripts do
@@ -256,6 +276,8 @@ def train(args) -> int:
 
     pipe = load_pipeline(args.pretrained_model_name_or_path, dtype=weight_dtype)
     variant = edit_variant(pipe)
+    if variant != "2.1" and args.validation_prompt and not args.validation_image:  # model_index.json was not at hand
+        raise ValueError(VALIDATION_NEEDS_IMAGE)
     if variant == "2.1" and condition_area_given:
         raise ValueError("--condition_area: Qwen-Image 2.1 shows the text encoder the VAE-sized condition images "
                          "(one resize, as its pipeline does); drop the option")
@@ -383,7 +405,7 @@ def train(args) -> int:
                 accelerator.log(logs, step=step)
                 if step % args.save_steps == 0 or stop_signum or step >= max_steps:
                     last_saved = save_checkpoint(accelerator, transformer, args, step, epoch)
-                if args.validation_image and step % validation_every == 0 and accelerator.is_main_process:
+                if args.validation_prompt and step % validation_every == 0 and accelerator.is_main_process:
                     validate(pipe, transformer, args, step, accelerator)
                 if step >= max_steps or stop_signum:
                     break

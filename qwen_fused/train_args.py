@@ -8,8 +8,8 @@ sigma table (shifted as its config says), `x_t = (1 - sigma) x0 + sigma noise`, 
 tokens in the image stream exactly as the edit pipelines pack them (`img_shapes` one `(1, h, w)` per image;
 -2511's `zero_cond_t` is applied by the transformer) and the loss covers the target tokens only. Qwen-Image 2.1
 (`QwenImage21Pipeline`) trains on its own pipeline's batch: the condition images in the text stream and as VAE
-latents before the noisy target, sigmas shifted by the target's sequence length as its scheduler does
-(qwen_fused/families/qwenimage21_train.py says where each part comes from).
+latents before the noisy target (or none: text-to-image), sigmas shifted by the target's sequence length as its
+scheduler does (qwen_fused/families/qwenimage21_train.py says where each part comes from).
 
 Output folder:
   checkpoint-<step>.safetensors            LoRA, standard layout (to_q/k/v): for diffusers, ComfyUI, `qwen-fused edit`
@@ -46,7 +46,9 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--no_fuse", action="store_true", help="train the stock (unfused) transformer, for comparison")
     g = p.add_argument_group("data")
     g.add_argument("--dataset_base_path", help="folder the metadata's image paths are relative to")
-    g.add_argument("--dataset_metadata_path", help="CSV (image, edit_image, prompt) or JSON / JSONL")
+    g.add_argument("--dataset_metadata_path",
+                   help="CSV (image, edit_image, prompt) or JSON / JSONL; Qwen-Image 2.1: rows without edit_image "
+                        "train text-to-image")
     g.add_argument("--max_pixels", type=int, default=1048576, help="largest image area; sides snapped to 32")
     g.add_argument("--condition_area", type=int, default=None,
                    help="-2509/-2511: pixel area of condition images shown to the text encoder (default: the "
@@ -105,7 +107,8 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--report_to", default=None, metavar="TRACKER[,TRACKER]",
                    help="log to tensorboard, wandb, ... (accelerate's trackers; logs in <output_dir>/logs); the "
                         "tracker's package must be installed (tensorboard: the train extra)")
-    g.add_argument("--validation_image", action="append", default=[], help="condition image(s) for validation")
+    g.add_argument("--validation_image", action="append", default=[],
+                   help="condition image(s) for validation (Qwen-Image 2.1 without one: text-to-image)")
     g.add_argument("--validation_prompt", action="append", default=[],
                    help="prompt for --validation_image; repeatable: one edit each (validation/step-N[-i].png, and "
                         "to the --report_to trackers)")

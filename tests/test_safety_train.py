@@ -168,6 +168,9 @@ def no_model_load(monkeypatch):
     ("max_train_steps_0", "--max_train_steps must be >= 1, got 0"),
     ("negative_learning_rate", "--learning_rate must be > 0, got -0.0001"),
     ("checkpoints_total_limit_0", "--checkpoints_total_limit must be >= 1, got 0"),
+    ("model_is_text_to_image", "QwenImagePipeline is not supported: qwen-fused trains and edits with"),
+    ("validation_prompt_without_image", "--validation_prompt needs --validation_image (an edit model edits an image"),
+    ("edit_model_row_without_edit_image", "meta.csv row 5: missing edit_image (an edit model needs a condition image"),
 ])
 def test_bad_input_is_one_line(case, needle, model, data, tmp_path, no_model_load, capsys):
     from qwen_fused.cli import main
@@ -194,6 +197,18 @@ def test_bad_input_is_one_line(case, needle, model, data, tmp_path, no_model_loa
         argv += ["--learning_rate", "-1e-4"]
     elif case == "checkpoints_total_limit_0":
         argv += ["--checkpoints_total_limit", "0"]
+    elif case == "validation_prompt_without_image":
+        argv += ["--validation_prompt", "redder"]
+    elif case == "model_is_text_to_image":  # known from model_index.json alone, before loading
+        (tmp_path / "t2i").mkdir()
+        (tmp_path / "t2i" / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+        argv[2] = str(tmp_path / "t2i")
+    elif case == "edit_model_row_without_edit_image":  # an edit model's rule, from its model_index.json
+        with open(meta) as f:
+            lines = f.read().splitlines()
+        lines.append(lines[-1].split(",")[0] + ",,a text-to-image row")
+        (tmp_path / "meta.csv").write_text("\n".join(lines) + "\n")
+        argv[6] = str(tmp_path / "meta.csv")
     assert main(argv) == 2
     err = capsys.readouterr().err
     line = last_line(err)

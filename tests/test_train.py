@@ -4,6 +4,7 @@ import copy
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -836,6 +837,21 @@ def test_ddp_two_cpu_processes(tmp_path, variant):
     assert res.stdout.count("demo: tiny model") == 1
 
 
+def synthetic_batch21(seed=0, batch=2, edit=(4, 4), target=(4, 6), text=(3, 2), channels=8, width=16):
+    """A `FlowMatching21` batch for `families.tiny21.random_transformer` (8 latent channels, text width 16): the text
+    stream is `text[0]` tokens, the condition image's slots (one per 2x2 latent tokens), `text[1]` tokens; the last
+    sample's last text token is padding."""
+    g = torch.Generator().manual_seed(seed)
+    slots = edit[0] * edit[1] // 4
+    row = [False] * text[0] + [True] * slots + [False] * text[1]
+    mask = torch.ones(batch, len(row), dtype=torch.long)
+    mask[-1, -1] = 0
+    return {"target": torch.randn(batch, channels, 1, *target, generator=g),
+            "edits": [torch.randn(batch, channels, 1, *edit, generator=g)],
+            "prompt_embeds": torch.randn(batch, len(row), width, generator=g), "prompt_embeds_mask": mask,
+            "img_mask": torch.tensor([row] * batch)}
+
+
 FSDP2_SCRIPT = """
 import copy, sys, torch, torch.distributed as dist, qwen_fused
 from torch.distributed.fsdp import fully_shard
@@ -843,11 +859,21 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from diffusers import FlowMatchEulerDiscreteScheduler
 sys.path.insert(0, sys.argv[1])
 from qwen_fused.numerics import rel_err as rel
-from test_train import TARGETS, F, L, S, synthetic_batch, random_transformer
+from test_train import TARGETS, F, L, S, synthetic_batch, synthetic_batch21, random_transformer
 dist.init_process_group("gloo")
-m = random_transformer(0); qwen_fused.fuse_qkv(m); m.requires_grad_(False)
+if sys.argv[3] == "2.1":
+    from qwen_fused.families import qwenimage21, tiny21
+    from qwen_fused.families.qwenimage21_train import FlowMatching21
+    m, targets, batch = tiny21.random_transformer(0), list(qwenimage21.LORA_TARGETS), synthetic_batch21()
+    flow = FlowMatching21(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                          base_image_seq_len=256, max_image_seq_len=4096,
+                                                          time_shift_type="exponential"))
+else:
+    m, targets, batch = random_transformer(0), TARGETS, synthetic_batch()
+    flow = F.FlowMatching(FlowMatchEulerDiscreteScheduler())
+qwen_fused.fuse_qkv(m); m.requires_grad_(False)
 torch.manual_seed(0)  # the same LoRA init on every process, so that the unsharded copy is the sharded model
-L.add_training_lora(m, 4, 4, TARGETS)
+L.add_training_lora(m, 4, 4, targets)
 torch.manual_seed(0)
 for n, p in m.named_parameters():
     if "lora_B" in n: p.data.normal_(0, 0.1)
@@ -858,17 +884,21 @@ for block in m.transformer_blocks: fully_shard(block)
 fully_shard(m)
 w = m.transformer_blocks[0].attn.to_qkv.base_layer.weight
 assert w.to_local().shape[0] == w.shape[0] // 2, w.to_local().shape
-flow = F.FlowMatching(FlowMatchEulerDiscreteScheduler())
-batch = synthetic_batch()
 torch.manual_seed(1)
 loss, d = flow.loss(m, batch); loss.backward()
 loss_ref = flow.loss(ref, batch, noise=d["noise"], timesteps=d["timesteps"], sigmas=d["sigmas"])[0]; loss_ref.backward()
 assert rel(loss.detach(), loss_ref.detach())[0] < 1e-6
-for (n, p), (_, q) in zip(m.named_parameters(), ref.named_parameters()):
-    if p.requires_grad and q.grad is not None:
+n_grads = 0
+for (n, p), (nr, q) in zip(m.named_parameters(), ref.named_parameters()):
+    assert n.replace("._orig_mod", "") == nr, (n, nr)
+    if p.requires_grad:
+        assert q.grad is not None and q.grad.abs().max() > 0, n  # every LoRA factor is trained
         assert rel(p.grad.full_tensor(), q.grad)[0] < 1e-5, n
+        n_grads += 1
+assert n_grads == sum(q.requires_grad for q in ref.parameters()) >= 2 * len(targets), n_grads
 lora = S.lora_state(m, with_alpha=True)  # gathers the shards on every process
-assert all(torch.equal(lora[k], v) for k, v in S.lora_state(ref, with_alpha=True).items())
+ref_lora = S.lora_state(ref, with_alpha=True)
+assert lora.keys() == ref_lora.keys() and all(torch.equal(lora[k], v) for k, v in ref_lora.items())
 sd = get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 if dist.get_rank() == 0:
     assert torch.equal(sd["transformer_blocks.0.attn.to_qkv.base_layer.weight"],
@@ -879,18 +909,152 @@ dist.destroy_process_group()
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("family", ["edit", "2.1"])
 @pytest.mark.parametrize("mode", ["eager", "compile"])
-def test_fsdp2_fused_blocks(tmp_path, mode):
-    """torch FSDP2 (`fully_shard` per block, as qwen_fused/fsdp_config.yaml asks accelerate for), 2 CPU processes:
-    the merged projections shard by rows; loss, every LoRA gradient and the gathered LoRA / full state dict equal
-    the unsharded model, eager and with the blocks compiled (fullgraph, inductor) before sharding."""
+def test_fsdp2_fused_blocks(tmp_path, mode, family):
+    """torch FSDP2 (`fully_shard` per block, as qwen_fused/fsdp_config.yaml asks accelerate for), 2 CPU processes,
+    a fused LoRA model of each family (Qwen-Image's loss, or 2.1's `FlowMatching21` batch): the merged projections
+    shard by rows; loss, every LoRA gradient and the gathered LoRA / full state dict equal the unsharded model,
+    eager and with the blocks compiled (fullgraph, inductor) before sharding."""
     script = tmp_path / "fsdp2.py"
     script.write_text(FSDP2_SCRIPT)
-    port = {"eager": "29518", "compile": "29520"}[mode]
+    port = {("eager", "edit"): "29525", ("compile", "edit"): "29520",
+            ("eager", "2.1"): "29521", ("compile", "2.1"): "29522"}[mode, family]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(script), os.path.dirname(__file__), mode]
+           str(script), os.path.dirname(__file__), mode, family]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "FSDP2 OK" in res.stdout, res.stderr[-3000:]
+
+
+FSDP_CONFIG = os.path.join(os.path.dirname(qwen_fused.__file__), "fsdp_config.yaml")
+
+
+def fsdp_launch_env(config=FSDP_CONFIG):
+    """The FSDP environment `accelerate launch --config_file CONFIG` gives each process, by accelerate's own
+    parsing (`_validate_launch_command` reads the file into the launch args, `prepare_multi_gpu_env` turns them
+    into the FSDP_* variables that `FullyShardedDataParallelPlugin` reads)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", config, "x.py"]))
+    assert args.use_fsdp and str(args.fsdp_version) == "2"
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"}
+
+
+@pytest.mark.parametrize("family", ["edit", "2.1"])
+def test_fsdp_config_wraps_every_block(family, monkeypatch):
+    """The shipped config, as accelerate resolves it for a fused LoRA model with compiled blocks (what `train`
+    hands to `prepare`): every transformer block, and nothing else, becomes its own FSDP unit, for Qwen-Image and
+    Qwen-Image 2.1 alike. `fsdp2_prepare_model` calls these two functions and `fully_shard`s each module the policy
+    accepts (the root is sharded anyway). A class name in the config fits one family only: accelerate raises
+    for a name the model lacks."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from qwen_fused.families import qwenimage21, tiny21
+
+    env = fsdp_launch_env()
+    for k in [k for k in os.environ if k.startswith("FSDP_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    if family == "2.1":
+        m, targets, block = tiny21.random_transformer(0), list(qwenimage21.LORA_TARGETS), "QwenImage21TransformerBlock"
+    else:
+        m, targets, block = random_transformer(0), TARGETS, "QwenImageTransformerBlock"
+    qwen_fused.fuse_qkv(m)
+    m.requires_grad_(False)
+    L.add_training_lora(m, 4, 4, targets)
+    m.compile_repeated_blocks(fullgraph=True)  # lazy: nothing compiles here
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.set_auto_wrap_policy(m)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, m)
+    assert plugin.transformer_cls_names_to_wrap == [block]
+    wrapped = [name for name, module in m.named_modules() if name and policy(module)]
+    assert wrapped == [f"transformer_blocks.{i}" for i in range(len(m.transformer_blocks))] and len(wrapped) == 2
+
+
+FSDP_TRAIN_SCRIPT = """
+import sys
+import accelerate
+import accelerate.state as st
+from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FSDPModule
+
+init = st.AcceleratorState.__init__
+
+
+def fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):  # where accelerate would take FSDP on GPUs (state.py)
+    init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.distributed_type = DistributedType.FSDP
+        if self._mixed_precision != "no":
+            fsdp_plugin.set_mixed_precision(self._mixed_precision)
+        self.fsdp_plugin = fsdp_plugin
+        st.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+prepare = accelerate.Accelerator.prepare
+
+
+def prepare_and_report(self, *args, **kwargs):
+    out = prepare(self, *args, **kwargs)
+    units = [n or "<root>" for n, m in out[0].named_modules() if isinstance(m, FSDPModule)]
+    self.print(f"distributed {self.distributed_type.value}, FSDP units: {','.join(units)}")
+    return out
+
+
+st.AcceleratorState.__init__ = fsdp_on_cpu
+accelerate.Accelerator.prepare = prepare_and_report
+from qwen_fused import train  # noqa: E402
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["edit", "2.1"])
+def test_fsdp_train_under_shipped_config(tmp_path, variant):
+    """`accelerate launch --config_file qwen_fused/fsdp_config.yaml` (as shipped: FSDP2, bf16) of `train` on the demo
+    model and data, 2 CPU processes, through accelerate's own FSDP code (prepare, clip, sharded save and load of the
+    state). accelerate itself never takes that path on CPU: `AcceleratorState.__init__` (state.py) sets
+    DistributedType.FSDP only for accelerator devices (MULTI_GPU, MULTI_XPU, ...) and runs DDP (MULTI_CPU) instead,
+    without a word; the script flips MULTI_CPU to FSDP where accelerate would have set it, and changes nothing else.
+    The blocks are the FSDP units, 3 steps train, and a resume from the step-2 state ends bit for bit where the
+    uninterrupted run does."""
+    from qwen_fused.demo import make_demo_dataset, save_demo_pipeline
+
+    script, model, data = tmp_path / "fsdp_train.py", tmp_path / "model", tmp_path / "data"
+    script.write_text(FSDP_TRAIN_SCRIPT)
+    save_demo_pipeline(str(model), 0, variant)
+    make_demo_dataset(str(data), edits=1 if variant == "edit" else 2)
+    port = {"edit": "29523", "2.1": "29524"}[variant]
+
+    def launch(out, *extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG, "--num_processes", "2",
+               "--main_process_port", port, str(script), "--demo", "--demo_variant", variant,
+               "--pretrained_model_name_or_path", str(model), "--dataset_base_path", str(data),
+               "--dataset_metadata_path", str(data / ("metadata.csv" if variant == "edit" else "metadata.json")),
+               "--output_dir", str(out), "--max_train_steps", "3", "--save_steps", "2", *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ, ACCELERATE_USE_CPU="1"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    stdout = launch(full)
+    assert "distributed FSDP, FSDP units: <root>,transformer_blocks.0,transformer_blocks.1," in stdout, stdout
+    assert "precision bf16" in stdout and "trained 3 steps" in stdout, stdout
+    state = full / "state" / "checkpoint-2"
+    assert {"lora.safetensors", "pytorch_model_fsdp_0", "optimizer_0"} <= set(os.listdir(state))
+    # the step-2 state alone, as if the run had stopped there
+    os.makedirs(part / "state")
+    shutil.copytree(state, part / "state" / "checkpoint-2")
+    shutil.copy(full / "run.json", part / "run.json")
+    assert "resumed from" in launch(part, "--resume_from_checkpoint", "latest")
+    a, b = load_file(full / "checkpoint-final.safetensors"), load_file(part / "checkpoint-final.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(full / "checkpoint-2.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # step 3 did train
 
 
 DDP_STOP_SCRIPT = """

@@ -8,11 +8,16 @@ The recipe, with where each part comes from in that file:
   pipeline's `vae_scale_factor * 2`); the target image is encoded the same way.
 - `encode_prompt` / `_get_qwen_prompt_embeds`: the prompt and the condition images through Qwen3-VL, giving the
   text stream with one slot per 2x2 latent tokens of each condition image, and `image_pad_mask` marking them.
+  Text-to-image (a sample without condition images, `image=None`): `is_t2i`, the prompt alone in
+  `prompt_template_t2i`, and `image_pad_mask` all False.
 - `prepare_latents` / `_encode_vae_image` / `_pack_latents`: VAE latents (mode, normalised by the VAE's
   latents_mean/std), packed as a plain spatial flatten (2.1 has no 2x2 patching).
 - the denoising loop: `hidden_states = cat([condition latents, noisy target])` (the target last), `img_shapes`
   one `(1, h, w)` per image in that order, `img_mask = cat([image_pad_mask, ones(n_target // 4)])` (the
   target's slots appended, `append_target_slots`), `timestep = t / 1000`, prediction `noise_pred[:, -n_target:]`.
+  Text-to-image: `prepare_latents` gives `image_latents = None` and the loop passes `latents` alone
+  (`if input_images_latents is not None`), `img_shapes` holds the target's shape only (`input_image_sizes` is
+  empty): the same code here with an empty `edits`.
 - step 4: the scheduler shifts sigmas by the target's sequence length, `mu = calculate_shift(n_target, ...)` from
   the scheduler config: `FlowMatching(dynamic_shift=True)` (qwen_fused/flow.py) draws sigmas that way.
 The training target is `noise - x0` with `x_t = (1 - s) x0 + s noise` (the scheduler's Euler step integrates
@@ -56,7 +61,10 @@ def encode_sample(pipe, record: D.Record, plan: D.Plan, device) -> dict:
     target = _rgba(D.open_rgb(record.image, record.line))
     conditions = [_rgba(D.open_rgb(p, record.line)) for p in record.edit_images]
     vl = [ip.resize(img, width=w, height=h) for img, (w, h) in zip(conditions, plan.edits)]
-    embeds, mask, image_pad_mask = pipe.encode_prompt(prompt=record.prompt, image=vl, device=device)
+    # no condition image: `image=None`, as `__call__` passes its `input_images` then; `_get_qwen_prompt_embeds`
+    # takes `image is None` as text-to-image (`prompt_template_t2i`, no vision input), while an empty list would
+    # still get the image template's one `<|image_pad|>`
+    embeds, mask, image_pad_mask = pipe.encode_prompt(prompt=record.prompt, image=vl or None, device=device)
     keep = slice(None) if mask is None else mask[0].bool()
     return {"prompt_embeds": embeds[0][keep].float().cpu(), "img_mask": image_pad_mask[0][keep].bool().cpu(),
             "target": latents(target, plan.target),
