@@ -11,6 +11,18 @@ from qwen_fused.numerics import rel_err
 from qwen_fused.tiny import TINY_CONFIG, random_transformer, rope_axes
 
 
+def random_image(size=(56, 40), seed=1, path=None):
+    """A random RGB PIL image of `size` (width, height); saved to `path` (returned as str) when given."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8"))
+    if path is None:
+        return image
+    image.save(path)
+    return str(path)
+
+
 def assert_close(a, b, tol, name=""):
     """Max relative error of `a` against `b` (numerics.rel_err) at most `tol`; returns it."""
     mx, rms = rel_err(a, b)

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import random_image
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -23,9 +24,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("img") / "in.png")
-    Image.fromarray((np.random.RandomState(1).rand(40, 56, 3) * 255).astype("uint8")).save(path)
-    return path
+    return random_image(path=tmp_path_factory.mktemp("img") / "in.png")
 
 
 @pytest.fixture(scope="module")

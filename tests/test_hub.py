@@ -4,8 +4,8 @@ import os
 import shutil
 
 import huggingface_hub.constants
-import numpy as np
 import pytest
+from helpers import random_image
 from PIL import Image
 
 from qwen_fused.cli import main
@@ -56,8 +56,7 @@ def test_hub_id_loads_from_the_cache(hf_cache, saved):
 
 def test_edit_cli_with_hub_id(hf_cache, saved, tmp_path, capsys):
     cache_model(hf_cache, REPO, saved)
-    image = tmp_path / "in.png"
-    Image.fromarray((np.random.RandomState(0).rand(40, 56, 3) * 255).astype("uint8")).save(image)
+    image = random_image(seed=0, path=tmp_path / "in.png")
     out = tmp_path / "out.png"
     rc = main(["edit", "--model", REPO, "--image", str(image), "--prompt", "make it red", "--steps", "1",
                "--true_cfg_scale", "1", "--height", "32", "--width", "32", "--area", "4096", "--output", str(out)])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from helpers import assert_close
+from helpers import assert_close, random_image
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -47,9 +47,7 @@ def json_data(tmp_path_factory):
 
 
 def _image(folder, name, size, seed):
-    path = os.path.join(folder, name)
-    Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8")).save(path)
-    return path
+    return random_image(size, seed, os.path.join(folder, name))
 
 
 def test_variant_is_found_from_the_model_folder(model):

@@ -1,8 +1,7 @@
 """Issue 21 for `qwen-fused edit` and `check`: the output's bytes are what its extension says, an extension with no
 image format is one line before any model loads, and `check` prints the margin it allows."""
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import random_image
 
 from qwen_fused.cli import main
 from qwen_fused.tiny import save_tiny_pipeline
@@ -17,9 +16,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("img") / "in.png")
-    Image.fromarray((np.random.RandomState(1).rand(40, 56, 3) * 255).astype("uint8")).save(path)
-    return path
+    return random_image(path=tmp_path_factory.mktemp("img") / "in.png")
 
 
 def edit(model, image, out, *extra):

@@ -1,9 +1,8 @@
 """The tiny offline pipelines: stock diffusers runs them, fusing gives the same image, save/load round-trips."""
-import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE as STOCK_AREA
-from PIL import Image
+from helpers import random_image
 
 import qwen_fused
 from qwen_fused.numerics import rel_err
@@ -14,7 +13,7 @@ AREA = 64 * 64  # condition-image area for fast runs (the stock pipelines use 10
 
 
 def _image(seed=0, size=(48, 64)):
-    return Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8"))
+    return random_image(size, seed)
 
 
 def _edit(pipe, variant, area=AREA, **kw):
