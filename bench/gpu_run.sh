@@ -15,7 +15,7 @@
 #   setup           nvidia-smi, wheels from .whl/, the project (editable)            20       -       -
 #   tests-gpu       tests/test_kernels_gpu.py + the gpu-marked tests of               90     150      30
 #                   test_block_ops.py and test_block_fusion.py
-#   check           `qwen-fused check --device cuda` (bf16, whole models vs stock       40      60      20
+#   check           `qwen-fused check --device cuda` (bf16, whole models vs stock       50      90      30
 #                   and float64: tiny ones and one real-width block of each family)
 #   tune            dispatcher table -> $OUT/tuning/<gpu>.json; the bench steps       45      90      30
 #                   below use it (QWEN_FUSED_TUNING_DIR) when it completes
@@ -28,7 +28,7 @@
 #   host-time       bench/host_time.py, train-512 only, no profiler pass             20      40      20
 #   tile-sweep      only with QF_TILE_SWEEP: the op fwd per tile config vs the GEMM  30/config rest  30
 #   summary         the step table, this call's runs (PARTIAL ones named), files      5   reserve
-# At the estimates (QF_DRY=1 shows it): bench-train and bench-model21 are skipped (50 s left after bench-model,
+# At the estimates (QF_DRY=1 shows it): bench-train and bench-model21 are skipped (40 s left after bench-model,
 # they need 200 and 120), tests-kernel gets 50 s, host-time is skipped, and the summary starts at about 525 s. bench-model21's
 # estimate is a guess from the Qwen-Image one: three groups of block compiles (stock, ours, ours-swiglu).
 #
@@ -258,7 +258,7 @@ else
     STATUS+=("$(printf '%-14s %6s %6s %6s' setup 20 - 20)")
 fi
 step tests-gpu      90 150  30 tests_gpu
-step check          40  60  20 check_bf16
+step check          50  90  30 check_bf16
 step tune           45  90  30 tune
 step bench-opblock  80 150  40 bench_opblock
 step bench-model   200 400 120 bench_model
