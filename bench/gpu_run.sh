@@ -29,7 +29,7 @@
 #   tile-sweep      only with QF_TILE_SWEEP: the op fwd per tile config vs the GEMM  30/config rest  30
 #   summary         the step table, this call's runs (PARTIAL ones named), files      5   reserve
 # At the estimates (QF_DRY=1 shows it): bench-train and bench-model21 are skipped (40 s left after bench-model,
-# they need 200 and 120), tests-kernel gets 50 s, host-time is skipped, and the summary starts at about 525 s. bench-model21's
+# they need 200 and 120), tests-kernel gets 40 s, host-time is skipped, and the summary starts at about 525 s. bench-model21's
 # estimate is a guess from the Qwen-Image one: three groups of block compiles (stock, ours, ours-swiglu).
 #
 # Results are written as they go: the bench saves its run into $OUT/results/<gpu>.json (a copy of
