@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Merged-QKV Qwen-Image transformer with fused Triton kernels, same results as diffusers",
     python_requires=">=3.10",
-    packages=["qwen_fused", "qwen_fused.lora", "qwen_fused.kernels", "qwen_fused.bench"],
+    packages=["qwen_fused", "qwen_fused.lora", "qwen_fused.families", "qwen_fused.kernels", "qwen_fused.bench"],
     package_dir={"qwen_fused": "qwen_fused", "qwen_fused.kernels": "kernels", "qwen_fused.bench": "bench"},
     package_data={"qwen_fused": ["fsdp_config.yaml", "scripts/*.sh"],
                   "qwen_fused.bench": ["results/*.json", "results/*.md"],

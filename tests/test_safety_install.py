@@ -36,3 +36,13 @@ def test_plain_install_pins_nothing(monkeypatch):
     the test extra, for the suite that compares against them."""
     for req in map(Requirement, setup_kwargs(monkeypatch)["install_requires"]):
         assert all(s.operator == ">=" for s in req.specifier), req
+
+
+def test_every_package_folder_is_installed(monkeypatch):
+    """A plain (not editable) install gets every subpackage: each folder with an `__init__.py` under the three
+    package roots is in setup.py's `packages` (qwen_fused.families once was not, and only `pip install -e` worked)."""
+    installed = set(setup_kwargs(monkeypatch)["packages"])
+    roots = {"qwen_fused": "qwen_fused", "kernels": "qwen_fused.kernels", "bench": "qwen_fused.bench"}
+    wanted = {".".join((name, *init.parent.relative_to(SETUP.parent / folder).parts))
+              for folder, name in roots.items() for init in (SETUP.parent / folder).rglob("__init__.py")}
+    assert "qwen_fused.families" in wanted and wanted <= installed, sorted(wanted - installed)
