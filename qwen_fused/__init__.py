@@ -35,7 +35,8 @@ def _unbind_lora_api(model):
 
 # Every fused model gets diffusers' LoRA API rebound for the merged layout, however it was fused: fuse.py sits below
 # the LoRA layer and cannot import it, so this root (which Python runs before any qwen_fused module) registers the
-# LoRA layer's binder with fuse_qkv; the LoRA layer itself is imported only when a model is fused (bindings.py)
+# LoRA layer's binder with fuse_qkv and fuse_swiglu; the LoRA layer itself is imported only when a model is fused
+# (bindings.py)
 bindings.register("lora", _bind_lora_api, _unbind_lora_api)
 
 

@@ -31,7 +31,8 @@ def require():
     """Raise unless a binder is registered (fuse_qkv and fuse_swiglu call this before they change anything)."""
     if not _BINDERS:
         raise RuntimeError("qwen_fused: no LoRA API binder is registered, so a fused model would silently drop "
-                           "q/k/v LoRAs in diffusers' loaders; import qwen_fused normally (its __init__ registers it)")
+                           "LoRAs on its merged parts (q/k/v, gate_layer/proj) in diffusers' loaders; import "
+                           "qwen_fused normally (its __init__ registers it)")
 
 
 def bind(model):

@@ -43,7 +43,8 @@ def check_model_path(path, flag):
         raise ValueError(f"{flag} {path}: no model_index.json, {what}")
 
 
-# the pipeline classes train and edit run (model_index.json's `_class_name`), and whether they need a condition image
+# the pipeline classes train and edit run (model_index.json's `_class_name`), and whether they need a condition image;
+# `edit_variant` tells the same classes apart once loaded (by isinstance): a new one goes into both
 PIPELINES = {"QwenImageEditPipeline": True, "QwenImageEditPlusPipeline": True, "QwenImage21Pipeline": False}
 
 

@@ -89,8 +89,9 @@ VALIDATION_NEEDS_IMAGE = ("--validation_prompt needs --validation_image (an edit
 
 
 def validate(pipe, transformer, args, step, accelerator):
-    """One edit per --validation_prompt with the model being trained (the run's max_pixels as target area), saved
-    as validation/step-N.png (step-N-<i>.png for several prompts) and sent to the trackers. Returns the paths."""
+    """One image per --validation_prompt (an edit of --validation_image; 2.1 without one: text-to-image) with the
+    model being trained (the run's max_pixels as target area), saved as validation/step-N.png (step-N-<i>.png for
+    several prompts) and sent to the trackers. Returns the paths."""
     images = [D.open_rgb(p, "--validation_image") for p in args.validation_image]
     image = images[0] if edit_variant(pipe) == "edit" else images or None  # 2.1 without one: text-to-image
     model = accelerator.unwrap_model(transformer)

@@ -110,8 +110,8 @@ def add_arguments(p: argparse.ArgumentParser):
     g.add_argument("--validation_image", action="append", default=[],
                    help="condition image(s) for validation (Qwen-Image 2.1 without one: text-to-image)")
     g.add_argument("--validation_prompt", action="append", default=[],
-                   help="prompt for --validation_image; repeatable: one edit each (validation/step-N[-i].png, and "
-                        "to the --report_to trackers)")
+                   help="prompt for --validation_image (Qwen-Image 2.1 without one: text-to-image); repeatable: one "
+                        "image each (validation/step-N[-i].png, and to the --report_to trackers)")
     g.add_argument("--validation_steps", type=int, default=None, help="default: --save_steps")
     g.add_argument("--validation_inference_steps", type=int, default=20, help="denoising steps of a validation edit")
     g.add_argument("--demo", action="store_true",

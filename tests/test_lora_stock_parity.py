@@ -118,13 +118,23 @@ def test_every_per_module_init_is_stocks_value_for_value(base, inputs, init, tmp
     dict(target_modules=QKV[:4], exclude_modules=["transformer_blocks.1.attn.add_q_proj"], use_rslora=True,
          lora_bias=True, init_lora_weights=True),
     dict(target_modules="all-linear"),  # peft's shorthand: every nn.Linear of the stock model, q/k/v parts included
-], ids=["some-parts", "layers_to_transform", "exclude-rslora-bias", "all-linear"])
+    # a regex selects on the stock model: these also match the fused model's add_qkv_proj / to_qkv themselves
+    dict(target_modules=r".*\.attn\.add_.*"), dict(target_modules=r".*\.attn\.to_[qkv].*"),
+], ids=["some-parts", "layers_to_transform", "exclude-rslora-bias", "all-linear", "regex-add", "regex-to"])
 def test_target_selection_and_options_are_stocks_value_for_value(base, inputs, cfg, tmp_path):
     stock, fused = add_both(base, rank_pattern={}, alpha_pattern={}, **cfg)
     for model, where in ((stock, "stock"), (fused, "fused")):
         model.save_lora_adapter(tmp_path / where)
     same_files(tmp_path / "stock" / FILE, tmp_path / "fused" / FILE)
     assert_close(run(fused, inputs), run(stock, inputs), 1e-5, str(cfg))
+
+
+def test_merged_module_and_its_parts_in_one_list_raise(base):
+    """A list naming the merged module and its parts would put two LoRAs on one projection: an error, nothing added."""
+    fused = qwen_fused.fuse_qkv(copy.deepcopy(base))
+    with pytest.raises(ValueError, match="selects transformer_blocks.0.attn.to_qkv both itself and through its parts"):
+        fused.add_adapter(LoraConfig(r=2, target_modules=["to_qkv", "to_q"]))
+    assert not getattr(fused, "peft_config", None)
 
 
 def test_loftq_init_is_stocks(base, tmp_path):

@@ -558,3 +558,13 @@ def test_what_cannot_map_onto_a_merged_mlp_raises(base, variant, tmp_path):
     after = _untouched(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
     assert not getattr(model, "peft_config", None)
+
+
+@pytest.mark.parametrize("variant", MLP_VARIANTS)
+def test_regex_targets_on_merged_mlp_select_as_on_stock(base, variant):
+    """A regex selects on the stock model: `img_mlp.<anything>` also matches the merged model's own gate_up, which
+    stock lacks; the parts map onto it and the result is stock's model."""
+    merged, stock = _add_both(base, variant, ADD["add_adapter"], target_modules=r".*\.img_mlp\.(?!activation_fn).*")
+    _assert_parts_equal(merged, stock, label="regex")
+    kw = random_inputs(base, text=(3, 2), pad=(0, 1))
+    assert_close(run(merged, kw), run(stock, kw), TOL, "regex targets")

@@ -498,13 +498,14 @@ def test_training_step_matches_stock_peft(pipe, tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_and_fp8_base_on_2_1(model, json_data, trained, tmp_path, monkeypatch):
+def test_compile_and_fp8_base_on_2_1(model, json_data, trained, tmp_path, monkeypatch, capsys):
     """As for Qwen-Image-Edit: `--compile` (inductor on this CPU; diffusers' compile_repeated_blocks on the 2.1
     blocks) trains the eager run's LoRA (`trained`: the same 3 steps), and `--fp8_base` trains with float8 base
     weights under diffusers' layerwise casting (to_qkv included), giving a LoRA near the full-precision one."""
     from qwen_fused import train_lora as TL
 
     assert _train(model, json_data, tmp_path / "compiled", "--max_train_steps", "3", "--compile") == 0
+    assert "blocks compiled" in capsys.readouterr().out
     eager = load_file(trained / "checkpoint-final.safetensors")
     compiled = load_file(tmp_path / "compiled" / "checkpoint-final.safetensors")
     assert eager.keys() == compiled.keys()

@@ -944,10 +944,10 @@ def fsdp_launch_env(config=FSDP_CONFIG):
 @pytest.mark.parametrize("family", ["edit", "2.1"])
 def test_fsdp_config_wraps_every_block(family, monkeypatch):
     """The shipped config, as accelerate resolves it for a fused LoRA model with compiled blocks (what `train`
-    hands to `prepare`): every transformer block, and nothing else, becomes its own FSDP unit, for Qwen-Image and
+    hands to `prepare`): the wrap policy takes every transformer block and no other module, for Qwen-Image and
     Qwen-Image 2.1 alike. `fsdp2_prepare_model` calls these two functions and `fully_shard`s each module the policy
-    accepts (the root is sharded anyway). A class name in the config fits one family only: accelerate raises
-    for a name the model lacks."""
+    accepts (besides the root and the final norm, which it shards anyway: see the launch test below). A class name
+    in the config fits one family only: accelerate raises for a name the model lacks."""
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
@@ -1019,8 +1019,8 @@ def test_fsdp_train_under_shipped_config(tmp_path, variant):
     state). accelerate itself never takes that path on CPU: `AcceleratorState.__init__` (state.py) sets
     DistributedType.FSDP only for accelerator devices (MULTI_GPU, MULTI_XPU, ...) and runs DDP (MULTI_CPU) instead,
     without a word; the script flips MULTI_CPU to FSDP where accelerate would have set it, and changes nothing else.
-    The blocks are the FSDP units, 3 steps train, and a resume from the step-2 state ends bit for bit where the
-    uninterrupted run does."""
+    The FSDP units are the root, the blocks and the final norm (accelerate's own), 3 steps train, and a resume from
+    the step-2 state ends bit for bit where the uninterrupted run does."""
     from qwen_fused.demo import make_demo_dataset, save_demo_pipeline
 
     script, model, data = tmp_path / "fsdp_train.py", tmp_path / "model", tmp_path / "data"
@@ -1042,7 +1042,7 @@ def test_fsdp_train_under_shipped_config(tmp_path, variant):
 
     full, part = tmp_path / "full", tmp_path / "part"
     stdout = launch(full)
-    assert "distributed FSDP, FSDP units: <root>,transformer_blocks.0,transformer_blocks.1," in stdout, stdout
+    assert "distributed FSDP, FSDP units: <root>,transformer_blocks.0,transformer_blocks.1,norm_out\n" in stdout, stdout
     assert "precision bf16" in stdout and "trained 3 steps" in stdout, stdout
     state = full / "state" / "checkpoint-2"
     assert {"lora.safetensors", "pytorch_model_fsdp_0", "optimizer_0"} <= set(os.listdir(state))

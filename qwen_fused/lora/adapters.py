@@ -231,6 +231,12 @@ def add_lora(transformer_or_pipeline, config, adapter_name="default"):
             n for n in stock_linears(model) if not _holds_parts_merged(model, n, groups)})
     groups, sizes, targets, mapped = collections.defaultdict(dict), {}, {}, set()
     stock_order = stock_targets(model, config)
+    both = sorted({h[0] for n in stock_order if (h := held_merged(model, n))} & set(stock_order))
+    if both and not isinstance(config.target_modules, str):
+        raise ValueError(f"target_modules selects {both[0]} both itself and through its parts; name the merged "
+                         f"module or its parts ({_parts_kind(both[0])}), not both")
+    # a regex selects on the stock model, which has the parts and not the merged module
+    stock_order = {n: v for n, v in stock_order.items() if n not in both}
     for name, (r, alpha) in stock_order.items():
         scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         held = held_merged(model, name)
