@@ -90,6 +90,18 @@ class Case:
                    int(n) if n else (blocks if level == "model" else 1))
 
 
+def block_cost(c: Case, lin, att, weights, acts) -> dict:
+    """FLOPs and bytes of a block or model case from one block's forward parts (GEMM and attention FLOPs, weight
+    and activation bytes): the backward counts the dX GEMMs (frozen weights) and flash-attention's backward
+    (~2.5x its forward), plus the recomputed forward under gradient checkpointing; times the case's blocks."""
+    if c.mode == "fwd":
+        flops, nbytes = lin + att, weights + acts
+    else:
+        flops = 2 * lin + 3.5 * att + ((lin + att) if c.gc else 0)
+        nbytes = (3 if c.gc else 2) * weights + 2 * acts
+    return {"flops": int(flops * c.blocks), "bytes": int(nbytes * c.blocks)}
+
+
 def all_cases(blocks: int = 4) -> list[Case]:
     """The full registry: every level x shape x batch x mode (x rank x checkpointing for training)."""
     out = []

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from qwen_fused.families import qwenimage21 as FAMILY
 from qwen_fused.families.tiny21 import random_inputs, random_transformer, rope_axes
 
-from .cases import SHAPES21, TINY_DIMS, TINY_SEQ_DIV
-from .model_level import Setup
+from .cases import SHAPES21, TINY_DIMS, TINY_SEQ_DIV, block_cost
+from .model_level import Setup, fuse_keeping_lora
 from .workloads import add_lora, draw_lora, merged_lora
 
 TINY_SIDE_DIV = 8  # reduced sizes: each latent image side / 8 (its tokens / 64, as TINY_SEQ_DIV for the text)
@@ -86,12 +86,7 @@ def case_cost(w):
     att = 4 * c.batch * f * h * wd * S * C   # QK^T and PV of the target's rows
     weights = e * 13 * C * C
     acts = e * 2 * M * C
-    if c.mode == "fwd":
-        flops, nbytes = lin + att, weights + acts
-    else:                                    # dX GEMMs (frozen weights) + flash-attention backward (~2.5x fwd)
-        flops = 2 * lin + 3.5 * att + ((lin + att) if c.gc else 0)
-        nbytes = (3 if c.gc else 2) * weights + 2 * acts
-    return {"flops": int(flops * c.blocks), "bytes": int(nbytes * c.blocks)}
+    return block_cost(c, lin, att, weights, acts)
 
 
 def block_inputs(model, inputs):
@@ -285,9 +280,4 @@ class Setup21(Setup):
 
         if lora is not None:
             model.unload_lora()
-        qwen_fused.fuse_swiglu(model)
-        if lora is not None:
-            qwen_fused.load_lora(model, lora)
-            for n, p in model.named_parameters():
-                p.requires_grad_("lora_" in n)
-        return model
+        return fuse_keeping_lora(model, qwen_fused.fuse_swiglu, lora)

@@ -229,6 +229,19 @@ class Runner:
         self.compiled = {}
 
 
+def fuse_keeping_lora(model, fuse, lora=None):
+    """`fuse(model)` with the training LoRA (`lora`: its peft state dict, already unloaded) put back through
+    `qwen_fused.load_lora`, which maps stock's part names onto the merged projections; only the LoRA trains."""
+    import qwen_fused
+
+    fuse(model)
+    if lora is not None:
+        qwen_fused.load_lora(model, lora)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+    return model
+
+
 def groups(setup: Setup, model, providers):
     """(provider names, Runner) for stock, then for ours on the same model fused in place (LoRA reloaded from
     the state dict of stock's adapter), then for ours with `fuse_blocks` too. A generator: the model changes
@@ -245,11 +258,7 @@ def groups(setup: Setup, model, providers):
     if setup.train:
         lora = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
         model.unload_lora()
-    qwen_fused.fuse_qkv(model)
-    if lora is not None:
-        qwen_fused.load_lora(model, lora)
-        for n, p in model.named_parameters():
-            p.requires_grad_("lora_" in n)
+    fuse_keeping_lora(model, qwen_fused.fuse_qkv, lora)
     run = Runner(setup, model)
     yield ours, run
     blocks = [p for p in setup.extra_group if p in providers]

@@ -20,6 +20,7 @@ import torch
 from qwen_fused import numerics
 
 from . import model_level, registry, report
+from .cases import block_cost
 from .registry import PROVIDERS, Case, Unavailable, Workload
 
 # a provider passes when, for every output and gradient, its error against the reference is within
@@ -176,12 +177,7 @@ def case_cost(w: Workload) -> dict:
     att = 4 * B * S * S * C            # QK^T and PV
     weights = e * 2 * 18 * C * C       # both streams: 12 C^2 linear + 6 C^2 modulation
     acts = e * 2 * M * C               # block input and output
-    if c.mode == "fwd":
-        flops, nbytes = lin + att, weights + acts
-    else:                              # dX GEMMs (frozen weights) + flash-attention backward (~2.5x forward)
-        flops = 2 * lin + 3.5 * att + ((lin + att) if c.gc else 0)
-        nbytes = (3 if c.gc else 2) * weights + 2 * acts
-    return {"flops": int(flops * c.blocks), "bytes": int(nbytes * c.blocks)}
+    return block_cost(c, lin, att, weights, acts)
 
 
 # ---------------------------------------------------------------------------------------- verification
