@@ -11,6 +11,16 @@ from qwen_fused.numerics import rel_err
 from qwen_fused.tiny import TINY_CONFIG, random_transformer, rope_axes
 
 
+def free_port() -> str:
+    """A TCP port free on this machine now, for a test's torch.distributed rendezvous: fixed ports collide when two
+    suites run at once (two checkouts' CI on one machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def random_image(size=(56, 40), seed=1, path=None):
     """A random RGB PIL image of `size` (width, height); saved to `path` (returned as str) when given."""
     import numpy as np

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import assert_close
+from helpers import assert_close, free_port
 
 import qwen_fused
 from qwen_fused import data as D
@@ -827,7 +827,7 @@ def test_ddp_two_cpu_processes(tmp_path, variant):
     processes come from torchrun; accelerate picks MULTI_CPU from its environment."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           "29517" if variant == "edit" else "29518", "-m", "qwen_fused.train", "--demo", "--demo_variant", variant,
+           free_port(), "-m", "qwen_fused.train", "--demo", "--demo_variant", variant,
            "--output_dir", str(out), "--max_train_steps", "3", "--save_steps", "2"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, ACCELERATE_USE_CPU="1"))
     assert res.returncode == 0, res.stderr[-3000:]
@@ -918,9 +918,7 @@ def test_fsdp2_fused_blocks(tmp_path, mode, family):
     eager and with the blocks compiled (fullgraph, inductor) before sharding."""
     script = tmp_path / "fsdp2.py"
     script.write_text(FSDP2_SCRIPT)
-    port = {("eager", "edit"): "29525", ("compile", "edit"): "29520",
-            ("eager", "2.1"): "29521", ("compile", "2.1"): "29522"}[mode, family]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(script), os.path.dirname(__file__), mode, family]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "FSDP2 OK" in res.stdout, res.stderr[-3000:]
@@ -1027,7 +1025,7 @@ def test_fsdp_train_under_shipped_config(tmp_path, variant):
     script.write_text(FSDP_TRAIN_SCRIPT)
     save_demo_pipeline(str(model), 0, variant)
     make_demo_dataset(str(data), edits=1 if variant == "edit" else 2)
-    port = {"edit": "29523", "2.1": "29524"}[variant]
+    port = free_port()
 
     def launch(out, *extra):
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CONFIG, "--num_processes", "2",
@@ -1077,7 +1075,7 @@ def test_ddp_sigterm_on_one_process(tmp_path):
     (without agreeing, rank 0 would wait in the checkpoint barrier while rank 1 runs the next step)."""
     script, out = tmp_path / "stop.py", tmp_path / "ddp"
     script.write_text(DDP_STOP_SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            str(script), "--demo", "--output_dir", str(out), "--max_train_steps", "6", "--save_steps", "100"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env=dict(os.environ, ACCELERATE_USE_CPU="1"))
